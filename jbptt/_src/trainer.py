@@ -1,0 +1,331 @@
+"""``trainer``: online TBPTT(k1, k2) on a stream, optax style."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from jbptt._src import checks
+from jbptt._src import segment
+from jbptt._src import semantics
+from jbptt._src import truncated_loss as tl
+
+tree_map = jax.tree_util.tree_map
+
+
+class History(NamedTuple):
+  """What the stream keeps between calls of ``update``.
+
+  Attributes:
+    xs: the last ``L - 1`` inputs (``L = max(k1, k2)``), oldest first.
+    resets: the matching reset masks.
+    anchor: the stream's carry after the last update.
+    starts: for ``k1 < k2``, the stored stream carries after steps
+      ``t - k2`` of the next ``ceil(k2 / k1) - 1`` updates (leading axis);
+      ``None`` otherwise.
+  """
+
+  xs: Any
+  resets: jax.Array
+  anchor: Any
+  starts: Any
+
+
+class TrainState(NamedTuple):
+  """The state of an online TBPTT(k1, k2) run.
+
+  Attributes:
+    params: the current parameters.
+    opt_state: the optax optimizer's state.
+    carry: the stream's current carry (after the last step fed).
+    initial_carry: the carry that a reset restores.
+    step: how many stream steps have been fed (int32).
+    num_skipped: how many updates were skipped for a non-finite loss or
+      gradient (int32).
+    history: the buffers of the pending window, allocated by the first
+      ``update`` (``None`` before it).
+  """
+
+  params: Any
+  opt_state: Any
+  carry: Any
+  initial_carry: Any
+  step: jax.Array
+  num_skipped: jax.Array
+  history: History | None
+
+
+class Metrics(NamedTuple):
+  """Per-update metrics of one ``update`` call.
+
+  Every field has one entry per update slot of the call: ``ceil`` of the
+  chunk length over ``k1`` slots at most, exactly ``len(xs) // k1`` when the
+  chunk length is a multiple of ``k1``. ``valid`` marks the slots in which an
+  update happened.
+
+  Attributes:
+    loss: the mean of the losses the update injected (its objective).
+    grad_norm: the global norm of its gradient.
+    valid: whether an update ended in this slot.
+    skipped: whether the loss or gradient was not finite, so the update was
+      not applied (params and optimizer state kept).
+  """
+
+  loss: jax.Array
+  grad_norm: jax.Array
+  valid: jax.Array
+  skipped: jax.Array
+
+
+class Trainer(NamedTuple):
+  """A pair of pure functions, ``init`` and ``update`` (optax style)."""
+
+  init: Callable[..., TrainState]
+  update: Callable[..., tuple[TrainState, Metrics]]
+
+
+def _concat(a, b):
+  return tree_map(lambda u, v: jnp.concatenate([u, v]), a, b)
+
+
+def _dslice(tree, start, size):
+  return tree_map(lambda a: lax.dynamic_slice_in_dim(a, start, size), tree)
+
+
+def _all_finite(tree):
+  leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def trainer(
+    step_loss,
+    optimizer: optax.GradientTransformation,
+    *,
+    k1: int,
+    k2: int,
+    policy: str = "new",
+) -> Trainer:
+  """Online TBPTT(k1, k2): train on a stream fed in chunks of any length.
+
+  The stream's carry advances with the params current at each step. Every
+  ``k1`` stream steps an update ends at ``t``: the window is re-run from the
+  stored stream state after step ``s`` (``t - k2``, see
+  :mod:`jbptt._src.semantics`) with the current params, the gradient of the
+  injected losses is divided by their number, passed to ``optimizer`` and
+  applied. ``update`` runs a whole chunk as one jitted XLA program (a scan
+  over its updates with the optax step inside); steps left over when the
+  chunk is not a multiple of ``k1`` wait in the state, so splitting a stream
+  into pieces of any lengths gives the same params as one call on the whole.
+
+  An update whose loss or gradient is not finite is skipped: params and
+  optimizer state are kept, ``Metrics.skipped`` marks it and
+  ``TrainState.num_skipped`` counts it; the stream's carry still advances.
+
+  Args:
+    step_loss: ``step_loss(params, carry, x) -> (carry, loss)``; scalar loss
+      (average it over the batch inside).
+    optimizer: an ``optax.GradientTransformation``.
+    k1: steps between updates (positive int).
+    k2: steps each update backpropagates through (positive int).
+    policy: ``"new"`` (default), ``"window"`` or ``"last"``.
+
+  Returns:
+    A :class:`Trainer` with ``init(params, carry) -> TrainState`` and
+    ``update(state, xs, resets=None) -> (TrainState, Metrics)``. ``resets``
+    is an optional boolean ``(len(xs),) + S`` mask (``S`` a leading prefix of
+    the carry leaves' shapes): where it is true the carry is replaced by the
+    initial carry before the step and no gradient crosses the boundary.
+    The first ``update`` allocates the history buffers (one extra trace).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, jbptt
+    >>> def step_loss(w, h, x):
+    ...   h = jnp.tanh(w * h + x)
+    ...   return h, (h - 0.5) ** 2
+    >>> tr = jbptt.trainer(step_loss, optax.sgd(0.1), k1=4, k2=8)
+    >>> state = tr.init(jnp.float32(0.3), jnp.float32(0.0))
+    >>> state, metrics = tr.update(state, jnp.ones(10))
+    >>> metrics.loss.shape, int(state.step)
+    ((3,), 10)
+
+  References:
+    Williams & Peng, An Efficient Gradient-Based Algorithm for On-Line
+    Training of Recurrent Network Trajectories, Neural Computation, 1990.
+  """
+  k1 = semantics.check_positive_int("k1", k1)
+  k2 = semantics.check_positive_int("k2", k2)
+  policy = semantics.check_policy(policy)
+  if not isinstance(optimizer, optax.GradientTransformation) and not (
+      hasattr(optimizer, "init") and hasattr(optimizer, "update")
+  ):
+    raise TypeError(
+        "optimizer must be an optax.GradientTransformation, got "
+        f"{type(optimizer).__name__}."
+    )
+  overlap = k1 < k2
+  length = k2 if overlap else k1  # the window re-run at each update
+  n_own = max(0, k1 - k2)
+  n_starts = math.ceil(k2 / k1) - 1 if overlap else 0
+  offset = (-k2) % k1  # where, in a chunk, a future window starts
+  taus = [tau for tau, _ in semantics.injected(length, length - k1, k2, policy)]
+  inject = tl.inject_mask(0, length, taus)
+
+  def init(params, carry) -> TrainState:
+    carry = checks.as_arrays(carry)
+    return TrainState(
+        params=params,
+        opt_state=optimizer.init(params),
+        carry=carry,
+        initial_carry=carry,
+        step=jnp.zeros((), jnp.int32),
+        num_skipped=jnp.zeros((), jnp.int32),
+        history=None,
+    )
+
+  def new_history(state, xs, reset_shape):
+    pad = length - 1
+    return History(
+        xs=tree_map(lambda a: jnp.repeat(a[:1], pad, axis=0), xs),
+        resets=jnp.zeros((pad,) + reset_shape, bool),
+        anchor=state.carry,
+        starts=tree_map(
+            lambda a: jnp.repeat(a[None], n_starts, axis=0), state.carry
+        ) if overlap else None,
+    )
+
+  def _update(state: TrainState, xs, resets):
+    m = checks.time_length(xs)
+    checks.check_step(step_loss, state.params, state.carry, checks.first_step(xs))
+    hist = state.history
+    if resets is not None:
+      resets = checks.check_resets(resets, m, state.carry)
+    if hist is None:
+      shape = () if resets is None else resets.shape[1:]
+      hist = new_history(state, xs, shape)
+    if resets is None:
+      resets = jnp.zeros((m,) + hist.resets.shape[1:], bool)
+    shape = jnp.broadcast_shapes(hist.resets.shape[1:], resets.shape[1:])
+    hist_r = jnp.broadcast_to(hist.resets, hist.resets.shape[:1] + shape)
+    resets = jnp.broadcast_to(resets, (m,) + shape)
+
+    all_x = _concat(hist.xs, xs)
+    all_r = jnp.concatenate([hist_r, resets])
+    h0 = state.initial_carry
+    t0 = state.step
+    pending = t0 % k1
+    n_slots = (k1 - 1 + m) // k1
+
+    def forward(params, h, xs, resets, start, stop):
+      sl = lambda a: a[start:stop]
+      return segment.forward(step_loss, params, h, tree_map(sl, xs), sl(resets), h0)
+
+    def run_update(carry, j):
+      params, opt_state, anchor, starts, n_skipped = carry
+      first = j * k1 - pending - 1  # index of the window's first step
+      t = t0 - pending + j * k1  # the update's end, a stream step
+      wx = _dslice(all_x, first, length)
+      wr = lax.dynamic_slice_in_dim(all_r, first, length)
+      if overlap:
+        valid = (t - length + 1 + jnp.arange(length)) >= 1
+        cx = tree_map(lambda a: a[length - k1:], wx)
+        cr = wr[length - k1:]
+        h_mid, _ = forward(params, anchor, cx, cr, 0, offset)
+        h_end, _ = forward(params, h_mid, cx, cr, offset, k1)
+        queue = _concat(starts, tree_map(lambda a: a[None], h_mid))
+        start = tree_map(lambda a: a[0], queue)
+        starts = tree_map(lambda a: a[1:], queue)
+        count = jnp.sum(jnp.asarray(inject) & valid)
+      else:
+        valid, start, count = None, anchor, len(taus)
+
+      def objective(p):
+        total, h = segment.segment_loss(
+            step_loss, p, start, wx, wr, valid, h0, n_own=n_own, inject=inject
+        )
+        return total / count, h
+
+      (loss, h), grads = jax.value_and_grad(objective, has_aux=True)(params)
+      if not overlap:
+        h_end = h
+      updates, new_opt_state = optimizer.update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
+      finite = _all_finite(loss) & _all_finite(grads)
+      keep = lambda new, old: tree_map(
+          lambda a, b: jnp.where(finite, a, b), new, old
+      )
+      carry = (
+          keep(new_params, params),
+          keep(new_opt_state, opt_state),
+          h_end,
+          starts,
+          n_skipped + (~finite).astype(jnp.int32),
+      )
+      metrics = Metrics(
+          loss=loss,
+          grad_norm=optax.global_norm(grads),
+          valid=jnp.array(True),
+          skipped=~finite,
+      )
+      return carry, metrics
+
+    def slot(carry, j):
+      if m % k1 == 0:  # every slot holds an update
+        return run_update(carry, j)
+      shapes = jax.eval_shape(run_update, carry, j)[1]
+      skip = lambda c, _: (c, tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+      return lax.cond(j * k1 - pending <= m, run_update, skip, carry, j)
+
+    init_carry = (
+        state.params, state.opt_state, hist.anchor, hist.starts,
+        state.num_skipped,
+    )
+    (params, opt_state, anchor, starts, n_skipped), metrics = lax.scan(
+        slot, init_carry, jnp.arange(1, n_slots + 1)
+    )
+
+    # The stream's current carry: the anchor advanced over the pending steps.
+    left = (pending + m) % k1
+    if k1 > 1:
+      tail_x = tree_map(lambda a: a[-(k1 - 1):], all_x)
+      tail_r = all_r[-(k1 - 1):]
+      tail_valid = jnp.arange(k1 - 1) >= (k1 - 1 - left)
+      carry = lax.cond(
+          left > 0,
+          lambda: segment.forward(
+              step_loss, params, anchor, tail_x, tail_r, h0, tail_valid
+          )[0],
+          lambda: anchor,
+      )
+    else:
+      carry = anchor
+
+    keep_last = lambda a: a[a.shape[0] - (length - 1):]
+    history = History(
+        xs=tree_map(keep_last, all_x),
+        resets=keep_last(all_r),
+        anchor=anchor,
+        starts=starts,
+    )
+    new_state = TrainState(
+        params=params,
+        opt_state=opt_state,
+        carry=carry,
+        initial_carry=h0,
+        step=t0 + m,
+        num_skipped=n_skipped,
+        history=history,
+    )
+    return new_state, metrics
+
+  jitted = jax.jit(_update)
+
+  def update(state: TrainState, xs, resets=None):
+    return jitted(state, xs, resets)
+
+  return Trainer(init=init, update=update)

@@ -1,0 +1,188 @@
+"""``truncated_loss``: the TBPTT(k1, k2) loss of a sequence, fixed params."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jbptt._src import checks
+from jbptt._src import segment
+from jbptt._src import semantics
+
+tree_map = jax.tree_util.tree_map
+
+
+def inject_mask(start: int, length: int, taus) -> np.ndarray:
+  """Marks the steps ``start+1 .. start+length`` that are in ``taus``."""
+  steps = start + 1 + np.arange(length)
+  return np.isin(steps, np.fromiter(taus, dtype=np.int64, count=len(taus)))
+
+
+def _n_own(t: int, k2: int, start: int) -> int:
+  return max(0, t - k2 - start)
+
+
+def _take(tree, idx):
+  return tree_map(lambda a: a[idx], tree)
+
+
+def _chunked(step_loss, params, carry, xs, resets, h0, n, k1, k2, policy):
+  """k1 >= k2: consecutive chunks, one scan, cost of plain BPTT."""
+  q = n // k1
+  total, count = 0.0, 0
+  h = carry
+  t_prev = q * k1
+  c_tail = max(0, n - k2)
+  b_tail = k1 * (min(t_prev, c_tail) // k1)
+  if q:
+    taus = [tau for tau, _ in semantics.injected(k1, 0, k2, policy)]
+    inject = inject_mask(0, k1, taus)
+    n_own = k1 - k2
+
+    def chunk(h, inp):
+      xc, rc = inp
+      loss_sum, h_end = segment.segment_loss(
+          step_loss, params, h, xc, rc, None, h0, n_own=n_own, inject=inject
+      )
+      return h_end, (loss_sum, h)
+
+    fold = lambda a: jnp.reshape(a[: q * k1], (q, k1) + a.shape[1:])
+    rs = None if resets is None else fold(resets)
+    h, (sums, starts) = lax.scan(chunk, h, (tree_map(fold, xs), rs))
+    total = jnp.sum(sums)
+    count = q * len(taus)
+    if n % k1 and b_tail < t_prev:
+      h = tree_map(lambda a: a[b_tail // k1], starts)
+  if n % k1:
+    taus = [tau for tau, _ in semantics.injected(n, t_prev, k2, policy)]
+    rs = None if resets is None else resets[b_tail:]
+    loss_sum, h = segment.segment_loss(
+        step_loss, params, h, _take(xs, slice(b_tail, n)), rs, None, h0,
+        n_own=_n_own(n, k2, b_tail),
+        inject=inject_mask(b_tail, n - b_tail, taus),
+    )
+    total = total + loss_sum
+    count += len(taus)
+  return total, count, h
+
+
+def _windowed(step_loss, params, carry, xs, resets, h0, n, k1, k2, policy):
+  """k1 < k2: overlapping windows, re-run in parallel from one forward pass."""
+  _, hs = segment.forward(step_loss, params, carry, xs, resets, h0)
+  states = tree_map(lambda a, b: jnp.concatenate([a[None], b]), carry, hs)
+  q = n // k1
+  total, count = 0.0, 0
+  if q:
+    ends = k1 * np.arange(1, q + 1)
+    idx = ends[:, None] - k2 + np.arange(k2)[None, :]  # 0-based step indices
+    valid = idx >= 0
+    idx = np.maximum(idx, 0)
+    taus = [tau for tau, _ in semantics.injected(k2, k2 - k1, k2, policy)]
+    inject = inject_mask(0, k2, taus)  # same relative layout in every window
+    rs = None if resets is None else resets[idx]
+
+    def window(h, xw, rw, vw):
+      return segment.segment_loss(
+          step_loss, params, h, xw, rw, vw, h0, n_own=0, inject=inject
+      )[0]
+
+    starts = _take(states, np.maximum(ends - k2, 0))
+    sums = jax.vmap(window)(starts, _take(xs, idx), rs, jnp.asarray(valid))
+    total = jnp.sum(sums)
+    count = int(np.sum(valid & inject[None, :]))
+  if n % k1:
+    t_prev = q * k1
+    start = max(0, n - k2)
+    taus = [tau for tau, _ in semantics.injected(n, t_prev, k2, policy)]
+    rs = None if resets is None else resets[start:]
+    loss_sum, _ = segment.segment_loss(
+        step_loss, params, _take(states, start), _take(xs, slice(start, n)),
+        rs, None, h0, n_own=0, inject=inject_mask(start, n - start, taus),
+    )
+    total = total + loss_sum
+    count += len(taus)
+  return total, count, _take(states, n)
+
+
+def truncated_loss(step_loss, *, k1: int, k2: int, policy: str = "new"):
+  """The TBPTT(k1, k2) loss of a whole sequence with fixed parameters.
+
+  As ``jax.lax.scan`` of ``step_loss`` over ``xs``, but the gradient is the
+  truncated one of Williams & Peng (1990): every ``k1`` steps (and at ``n``)
+  an update injects step losses, each backpropagated only to the state
+  ``k2`` steps before the update's end (see :mod:`jbptt._src.semantics` for
+  the exact contract and a reference loop).
+
+  For ``k1 >= k2`` this is one scan with ``stop_gradient`` at the right
+  steps: it costs what full BPTT costs. For ``k1 < k2`` the overlapping
+  windows are re-run in parallel (``vmap``) from the states of one forward
+  pass.
+
+  Args:
+    step_loss: ``step_loss(params, carry, x) -> (carry, loss)`` with a scalar
+      loss; the carry keeps its structure, shapes and dtypes.
+    k1: steps between updates (positive int).
+    k2: steps each update backpropagates through (positive int).
+    policy: which losses an update injects: ``"new"`` (those of its own
+      ``k1`` steps, the default), ``"window"`` (all of its last ``k2``) or
+      ``"last"`` (only the loss at its end; sequence-to-one).
+
+  Returns:
+    ``f(params, carry, xs, *, resets=None, initial_carry=None) ->
+    (loss, final_carry)``. ``loss`` is the mean of the injected step losses
+    (for ``"new"``: the mean loss of the sequence) and its gradient is the
+    TBPTT(k1, k2) gradient divided by their number. ``final_carry`` is the
+    carry after step ``n`` (held constant), ready for the next sequence.
+    ``resets`` is an optional boolean of shape ``(n,) + S`` (``S`` a leading
+    prefix of the carry leaves' shapes, e.g. ``(batch,)``): where it is true
+    the carry is replaced by ``initial_carry`` (default: ``carry``) before
+    the step, and no gradient crosses that boundary. ``carry`` and
+    ``initial_carry`` receive no gradient (they are held constant).
+
+  Raises:
+    ValueError: for a bad ``k1``, ``k2`` or ``policy`` (at once), or ``xs``
+      leaves with different time lengths or bad ``resets`` (at trace time).
+    TypeError: (at trace time) if ``step_loss`` changes the carry or returns
+      a non-scalar loss.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jbptt
+    >>> def step_loss(w, h, x):
+    ...   h = jnp.tanh(w * h + x)
+    ...   return h, (h - 1.0) ** 2
+    >>> f = jbptt.truncated_loss(step_loss, k1=2, k2=3)
+    >>> loss, h = f(0.5, 0.0, jnp.ones(7))
+    >>> grad = jax.grad(lambda w: f(w, 0.0, jnp.ones(7))[0])(0.5)
+
+  References:
+    Williams & Peng, An Efficient Gradient-Based Algorithm for On-Line
+    Training of Recurrent Network Trajectories, Neural Computation, 1990.
+  """
+  k1 = semantics.check_positive_int("k1", k1)
+  k2 = semantics.check_positive_int("k2", k2)
+  policy = semantics.check_policy(policy)
+
+  def loss_fn(params, carry, xs, *, resets=None, initial_carry=None):
+    n = checks.time_length(xs)
+    carry = checks.as_arrays(carry)
+    h0 = carry if initial_carry is None else checks.as_arrays(initial_carry)
+    checks.check_step(step_loss, params, carry, checks.first_step(xs))
+    if jax.tree_util.tree_structure(h0) != jax.tree_util.tree_structure(
+        carry
+    ) or jax.tree_util.tree_map(jnp.shape, h0) != jax.tree_util.tree_map(
+        jnp.shape, carry
+    ):
+      raise ValueError(
+          "initial_carry must have the carry's structure and shapes."
+      )
+    if resets is not None:
+      resets = checks.check_resets(resets, n, carry)
+    impl = _chunked if k1 >= k2 else _windowed
+    total, count, final = impl(
+        step_loss, params, carry, xs, resets, h0, n, k1, k2, policy
+    )
+    return total / count, lax.stop_gradient(final)
+
+  return loss_fn

@@ -1,0 +1,106 @@
+"""Plain-loop references of TBPTT(k1, k2), written from the contract.
+
+Deliberately slow and obvious: one ``jax.grad`` per injected loss, each
+re-running the steps from the stored state it is truncated at. Nothing here
+uses jbptt.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+tree_map = jax.tree_util.tree_map
+
+
+def injected(t, t_prev, k2, policy):
+  """(tau, s) pairs of the update ending at t, straight from the issue."""
+  if policy == "new":
+    return [(tau, max(0, min(t - k2, tau - 1))) for tau in range(t_prev + 1, t + 1)]
+  s = max(0, t - k2)
+  if policy == "window":
+    return [(tau, s) for tau in range(s + 1, t + 1)]
+  assert policy == "last"
+  return [(t, s)]
+
+
+def _reset(reset, h0, h):
+  if reset is None:
+    return h
+  def pick(a, b):
+    m = jnp.reshape(reset, jnp.shape(reset) + (1,) * (a.ndim - jnp.ndim(reset)))
+    return jnp.where(m, a, b)
+  return tree_map(pick, h0, h)
+
+
+def _x(xs, i):
+  return tree_map(lambda a: a[i], xs)
+
+
+def _loss_from(step_loss, params, h_s, xs, resets, h0, s, tau):
+  """loss_tau re-run from the constant state after step s."""
+  h = jax.lax.stop_gradient(h_s)
+  loss = None
+  for j in range(s + 1, tau + 1):
+    r = None if resets is None else resets[j - 1]
+    h = _reset(r, jax.lax.stop_gradient(h0), h)
+    h, loss = step_loss(params, h, _x(xs, j - 1))
+  return loss
+
+
+def forward_states(step_loss, params, carry, xs, resets=None, h0=None):
+  h0 = carry if h0 is None else h0
+  n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+  hs = [carry]
+  for j in range(1, n + 1):
+    r = None if resets is None else resets[j - 1]
+    h, _ = step_loss(params, _reset(r, h0, hs[-1]), _x(xs, j - 1))
+    hs.append(h)
+  return hs
+
+
+def truncated_loss(step_loss, params, carry, xs, k1, k2, policy="new",
+                   resets=None, h0=None):
+  """(mean injected loss, gradient / count, final carry) of a sequence."""
+  h0 = carry if h0 is None else h0
+  n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+  hs = forward_states(step_loss, params, carry, xs, resets, h0)
+  ends = list(range(k1, n + 1, k1))
+  if n % k1:
+    ends.append(n)
+  total, grad, count, t_prev = 0.0, None, 0, 0
+  for t in ends:
+    for tau, s in injected(t, t_prev, k2, policy):
+      f = lambda p: _loss_from(step_loss, p, hs[s], xs, resets, h0, s, tau)
+      v, g = jax.value_and_grad(f)(params)
+      total += v
+      grad = g if grad is None else tree_map(jnp.add, grad, g)
+      count += 1
+    t_prev = t
+  return total / count, tree_map(lambda g: g / count, grad), hs[n]
+
+
+def train(step_loss, optimizer, params, carry, xs, k1, k2, policy="new",
+          resets=None):
+  """Online TBPTT on a stream: returns (params, losses per update, carry)."""
+  h0 = carry
+  opt_state = optimizer.init(params)
+  n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+  hs = [carry]
+  losses = []
+  for t in range(1, n + 1):
+    r = None if resets is None else resets[t - 1]
+    h, _ = step_loss(params, _reset(r, h0, hs[-1]), _x(xs, t - 1))
+    hs.append(h)
+    if t % k1 == 0:
+      total, grad, count = 0.0, None, 0
+      for tau, s in injected(t, t - k1, k2, policy):
+        f = lambda p: _loss_from(step_loss, p, hs[s], xs, resets, h0, s, tau)
+        v, g = jax.value_and_grad(f)(params)
+        total += v
+        grad = g if grad is None else tree_map(jnp.add, grad, g)
+        count += 1
+      grad = tree_map(lambda g: g / count, grad)
+      updates, opt_state = optimizer.update(grad, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      losses.append(total / count)
+  return params, losses, hs[n]
