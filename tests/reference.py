@@ -5,6 +5,8 @@ re-running the steps from the stored state it is truncated at. Nothing here
 uses jbptt.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -38,12 +40,25 @@ def _x(xs, i):
 
 def _loss_from(step_loss, params, h_s, xs, resets, h0, s, tau):
   """loss_tau re-run from the constant state after step s."""
+  piece = tree_map(lambda a: a[s:tau], xs)
+  rs = None if resets is None else jnp.asarray(resets[s:tau])
+  return _loss_of_piece(step_loss, params, h_s, piece, rs, h0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.value_and_grad, argnums=1)
+def _loss_of_piece(step_loss, params, h_s, piece, resets, h0):
+  """The loss of the piece's last step, from h_s held constant.
+
+  A plain Python loop over the piece; jit only caches it per length.
+  """
   h = jax.lax.stop_gradient(h_s)
+  length = jax.tree_util.tree_leaves(piece)[0].shape[0]
   loss = None
-  for j in range(s + 1, tau + 1):
-    r = None if resets is None else resets[j - 1]
+  for j in range(length):
+    r = None if resets is None else resets[j]
     h = _reset(r, jax.lax.stop_gradient(h0), h)
-    h, loss = step_loss(params, h, _x(xs, j - 1))
+    h, loss = step_loss(params, h, _x(piece, j))
   return loss
 
 
@@ -70,8 +85,7 @@ def truncated_loss(step_loss, params, carry, xs, k1, k2, policy="new",
   total, grad, count, t_prev = 0.0, None, 0, 0
   for t in ends:
     for tau, s in injected(t, t_prev, k2, policy):
-      f = lambda p: _loss_from(step_loss, p, hs[s], xs, resets, h0, s, tau)
-      v, g = jax.value_and_grad(f)(params)
+      v, g = _loss_from(step_loss, params, hs[s], xs, resets, h0, s, tau)
       total += v
       grad = g if grad is None else tree_map(jnp.add, grad, g)
       count += 1
@@ -94,8 +108,7 @@ def train(step_loss, optimizer, params, carry, xs, k1, k2, policy="new",
     if t % k1 == 0:
       total, grad, count = 0.0, None, 0
       for tau, s in injected(t, t - k1, k2, policy):
-        f = lambda p: _loss_from(step_loss, p, hs[s], xs, resets, h0, s, tau)
-        v, g = jax.value_and_grad(f)(params)
+        v, g = _loss_from(step_loss, params, hs[s], xs, resets, h0, s, tau)
         total += v
         grad = g if grad is None else tree_map(jnp.add, grad, g)
         count += 1

@@ -205,9 +205,6 @@ def trainer(
     hist = state.history
     if resets is not None:
       resets = checks.check_resets(resets, m, state.carry)
-    if hist is None:
-      shape = () if resets is None else resets.shape[1:]
-      hist = new_history(state, xs, shape)
     if resets is None:
       resets = jnp.zeros((m,) + hist.resets.shape[1:], bool)
     shape = jnp.broadcast_shapes(hist.resets.shape[1:], resets.shape[1:])
@@ -268,7 +265,7 @@ def trainer(
       )
       metrics = Metrics(
           loss=loss,
-          grad_norm=optax.global_norm(grads),
+          grad_norm=optax.tree.norm(grads),
           valid=jnp.array(True),
           skipped=~finite,
       )
@@ -326,6 +323,10 @@ def trainer(
   jitted = jax.jit(_update)
 
   def update(state: TrainState, xs, resets=None):
+    if state.history is None:  # allocate outside the jitted program
+      checks.time_length(xs)
+      shape = () if resets is None else jnp.shape(resets)[1:]
+      state = state._replace(history=new_history(state, xs, shape))
     return jitted(state, xs, resets)
 
   return Trainer(init=init, update=update)

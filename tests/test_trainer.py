@@ -1,0 +1,165 @@
+"""trainer against the plain online loop, splits, resets, NaN handling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import (CONFIGS, POLICIES, assert_trees_close, carry0, data,
+                      step_loss)
+
+import jbptt
+import reference as ref
+
+tree_map = jax.tree_util.tree_map
+
+
+def feed(tr, state, xs, cuts, resets=None):
+  """Feeds xs in pieces split at ``cuts``; returns state and valid losses."""
+  n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+  bounds = [0, *cuts, n]
+  losses = []
+  for a, b in zip(bounds[:-1], bounds[1:]):
+    piece = tree_map(lambda v: v[a:b], xs)
+    r = None if resets is None else resets[a:b]
+    state, m = tr.update(state, piece, r)
+    losses += [float(v) for v, ok in zip(m.loss, m.valid) if ok]
+  return state, losses
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("n,k1,k2", CONFIGS)
+def test_matches_reference(n, k1, k2, policy, params):
+  xs, h = data(n), carry0()
+  opt = optax.adam(0.05)
+  want_params, want_losses, want_carry = ref.train(
+      step_loss, opt, params, h, xs, k1, k2, policy)
+  tr = jbptt.trainer(step_loss, opt, k1=k1, k2=k2, policy=policy)
+  cuts = [3] if policy == "new" and n > 3 else []
+  state, losses = feed(tr, tr.init(params, h), xs, cuts)
+  assert_trees_close(state.params, want_params)
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-10)
+  assert_trees_close(state.carry, want_carry)
+  assert int(state.step) == n
+
+
+@pytest.mark.parametrize("k1,k2", [(4, 4), (3, 7), (5, 2)])
+def test_split_invariance(k1, k2, params):
+  n = 23
+  xs, h = data(n), carry0()
+  tr = jbptt.trainer(step_loss, optax.adam(0.05), k1=k1, k2=k2)
+  whole, whole_losses = feed(tr, tr.init(params, h), xs, [])
+  for cuts in ([1, 8, 15, 22], [5, 6, 13]):
+    split, losses = feed(tr, tr.init(params, h), xs, cuts)
+    assert_trees_close(split.params, whole.params)
+    assert_trees_close(split.opt_state, whole.opt_state)
+    assert_trees_close(split.carry, whole.carry)
+    np.testing.assert_allclose(losses, whole_losses, rtol=1e-10)
+
+
+def test_metrics_layout(params):
+  tr = jbptt.trainer(step_loss, optax.sgd(0.1), k1=4, k2=4)
+  state = tr.init(params, carry0())
+  state, m = tr.update(state, data(8))
+  assert m.loss.shape == (2,) and bool(jnp.all(m.valid))
+  state, m = tr.update(state, data(6))  # 6 steps: one update, 2 pending
+  assert m.loss.shape == (2,) and m.valid.tolist() == [True, False]
+  state, m = tr.update(state, data(2))  # completes the pending update
+  assert m.valid.tolist() == [True]
+  assert int(state.step) == 16
+
+
+def test_retraces_only_when_shapes_change(params):
+  traces = []
+
+  def counted(p, h, x):
+    traces.append(1)
+    return step_loss(p, h, x)
+
+  tr = jbptt.trainer(counted, optax.sgd(0.1), k1=4, k2=6)
+  state = tr.init(params, carry0())
+  state, _ = tr.update(state, data(8, seed=1))  # allocates the history
+  state, _ = tr.update(state, data(8, seed=2))
+  after_second = len(traces)
+  for seed in range(3, 6):
+    state, _ = tr.update(state, data(8, seed=seed))
+  assert len(traces) == after_second
+  state, _ = tr.update(state, data(5))
+  assert len(traces) > after_second
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("k1,k2", [(3, 3), (2, 5), (4, 2)])
+def test_resets_match_reference(k1, k2, policy, params):
+  n = 12
+  xs, h = data(n), carry0()
+  resets = np.zeros((n, 2), bool)
+  resets[2, 0] = resets[5, 1] = resets[9, 0] = resets[9, 1] = True
+  opt = optax.adam(0.05)
+  want_params, want_losses, want_carry = ref.train(
+      step_loss, opt, params, h, xs, k1, k2, policy, resets=resets)
+  tr = jbptt.trainer(step_loss, opt, k1=k1, k2=k2, policy=policy)
+  state, losses = feed(tr, tr.init(params, h), xs, [4, 7], resets)
+  assert_trees_close(state.params, want_params)
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-10)
+  assert_trees_close(state.carry, want_carry)
+
+
+def test_reset_equals_training_pieces_separately(params):
+  """k2 within a piece: a reset at an update boundary separates the streams."""
+  k1 = k2 = 3
+  xs, h = data(12), carry0()
+  resets = np.zeros((12,), bool)
+  resets[6] = True
+  tr = jbptt.trainer(step_loss, optax.sgd(0.1), k1=k1, k2=k2)
+  joint, _ = feed(tr, tr.init(params, h), xs, [], resets)
+  state = tr.init(params, h)
+  state, _ = tr.update(state, tree_map(lambda a: a[:6], xs))
+  second = tr.init(state.params, h)._replace(opt_state=state.opt_state)
+  second, _ = tr.update(second, tree_map(lambda a: a[6:], xs))
+  assert_trees_close(joint.params, second.params)
+  assert_trees_close(joint.carry, second.carry)
+
+
+def test_nonfinite_update_is_skipped_and_counted(params):
+  u, y = data(12)
+  y = y.at[5].set(jnp.nan)  # the update ending at 8 sees a NaN loss
+  tr = jbptt.trainer(step_loss, optax.adam(0.05), k1=4, k2=4)
+  state = tr.init(params, carry0())
+  state, m1 = tr.update(state, (u[:4], y[:4]))
+  before = state.params
+  state, m2 = tr.update(state, (u[4:8], y[4:8]))
+  assert bool(m2.skipped[0]) and not bool(jnp.isfinite(m2.loss[0]))
+  assert_trees_close(state.params, before, atol=0, rtol=0)
+  assert int(state.num_skipped) == 1
+  state, m3 = tr.update(state, (u[8:], y[8:]))
+  assert not bool(m3.skipped[0]) and bool(jnp.isfinite(m3.loss[0]))
+  assert all(bool(jnp.all(jnp.isfinite(a)))
+             for a in jax.tree_util.tree_leaves(state.params))
+  assert int(state.num_skipped) == 1
+
+
+def test_learns_a_delay(params):
+  """End to end: TBPTT(4, 8) learns to output the input of 3 steps ago."""
+  key = jax.random.PRNGKey(0)
+  n, lag = 3000, 3
+  u = jax.random.normal(key, (n, 8, 1))
+  y = jnp.concatenate([jnp.zeros((lag, 8)), u[:-lag, :, 0]])
+  from conftest import H
+
+  def init(key):
+    k = jax.random.split(key, 3)
+    return {"W": 0.3 * jax.random.normal(k[0], (H * 4, H * 4)),
+            "U": jax.random.normal(k[1], (1, H * 4)),
+            "v": 0.1 * jax.random.normal(k[2], (H * 4,))}
+
+  def delay_loss(p, h, x):
+    u, y = x
+    h = jnp.tanh(h @ p["W"] + u @ p["U"])
+    return h, jnp.mean((h @ p["v"] - y) ** 2)
+
+  tr = jbptt.trainer(delay_loss, optax.adam(1e-2), k1=4, k2=8)
+  state = tr.init(init(key), jnp.zeros((8, H * 4)))
+  state, m = tr.update(state, (u, y))
+  assert float(m.loss[1:5].mean()) > 0.5  # chance: the target's variance
+  assert float(m.loss[-50:].mean()) < 0.1

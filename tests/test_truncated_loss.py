@@ -1,0 +1,168 @@
+"""truncated_loss against the plain-loop reference and the known special cases."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import (CONFIGS, POLICIES, assert_trees_close, carry0, data,
+                      init_params, max_diff, step_loss)
+
+import jbptt
+import reference as ref
+
+tree_map = jax.tree_util.tree_map
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("n,k1,k2", CONFIGS)
+def test_matches_reference(n, k1, k2, policy, jit, params):
+  if not jit and (n, k1, k2) not in CONFIGS[:5]:
+    pytest.skip("no-jit runs on a subset to keep the suite short")
+  xs, h = data(n), carry0()
+  f = jbptt.truncated_loss(step_loss, k1=k1, k2=k2, policy=policy)
+  vg = jax.value_and_grad(f, has_aux=True)
+  if jit:
+    vg = jax.jit(vg)
+  (loss, final), grad = vg(params, h, xs)
+  want_loss, want_grad, want_final = ref.truncated_loss(
+      step_loss, params, h, xs, k1, k2, policy)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-10)
+  assert_trees_close(grad, want_grad)
+  assert_trees_close(final, want_final)
+
+
+def full_loss(p, h, xs):
+  def body(h, x):
+    return step_loss(p, h, x)
+  h, losses = jax.lax.scan(body, h, xs)
+  return jnp.mean(losses), h
+
+
+@pytest.mark.parametrize("n", [1, 5, 12])
+def test_n_n_is_full_bptt(n, params):
+  xs, h = data(n), carry0()
+  want = jax.grad(lambda p: full_loss(p, h, xs)[0])(params)
+  got = jax.grad(lambda p: jbptt.truncated_loss(step_loss, k1=n, k2=n)(
+      p, h, xs)[0])(params)
+  assert_trees_close(got, want)
+  # k2 beyond the sequence changes nothing either.
+  got = jax.grad(lambda p: jbptt.truncated_loss(step_loss, k1=n, k2=3 * n)(
+      p, h, xs)[0])(params)
+  assert_trees_close(got, want)
+
+
+def test_one_n_is_the_full_gradient_of_each_step(params):
+  n = 7
+  xs, h = data(n), carry0()
+
+  def loss_at(p, tau):
+    def body(h, x):
+      return step_loss(p, h, x)
+    _, losses = jax.lax.scan(body, h, xs)
+    return losses[tau]
+
+  want = tree_map(lambda *g: sum(g) / n,
+                  *[jax.grad(loss_at)(params, tau) for tau in range(n)])
+  got = jax.grad(lambda p: jbptt.truncated_loss(step_loss, k1=1, k2=n)(
+      p, h, xs)[0])(params)
+  assert_trees_close(got, want)
+
+
+@pytest.mark.parametrize("n,k", [(12, 4), (12, 3), (6, 1)])
+def test_k_k_is_chunking_with_stop_gradient(n, k, params):
+  xs, h = data(n), carry0()
+
+  def chunked(p):
+    total, carry = 0.0, h
+    for start in range(0, n, k):
+      piece = tree_map(lambda a: a[start:start + k], xs)
+      carry = jax.lax.stop_gradient(carry)
+      loss, carry = full_loss(p, carry, piece)
+      total += loss * k
+    return total / n
+
+  want = jax.grad(chunked)(params)
+  got = jax.grad(lambda p: jbptt.truncated_loss(step_loss, k1=k, k2=k)(
+      p, h, xs)[0])(params)
+  assert_trees_close(got, want)
+
+
+def test_truncation_changes_the_gradient(params):
+  """Guards the tests above: a truncated gradient differs from BPTT."""
+  xs, h = data(10), carry0()
+  full = jax.grad(lambda p: full_loss(p, h, xs)[0])(params)
+  trunc = jax.grad(lambda p: jbptt.truncated_loss(step_loss, k1=2, k2=2)(
+      p, h, xs)[0])(params)
+  assert max_diff(full, trunc) > 1e-3
+
+
+def test_value_is_mean_sequence_loss_for_new(params):
+  xs, h = data(9), carry0()
+  want, want_h = full_loss(params, h, xs)
+  for k1, k2 in [(2, 5), (4, 4), (5, 2)]:
+    loss, final = jbptt.truncated_loss(step_loss, k1=k1, k2=k2)(params, h, xs)
+    np.testing.assert_allclose(loss, want, rtol=1e-12)
+    assert_trees_close(final, want_h)
+
+
+def test_final_carry_carries_no_gradient(params):
+  xs, h = data(6), carry0()
+  f = jbptt.truncated_loss(step_loss, k1=3, k2=3)
+  g = jax.grad(lambda p: jnp.sum(f(p, h, xs)[1]))(params)
+  assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(g)) == 0
+
+
+@pytest.mark.parametrize("k1,k2", [(3, 3), (2, 5), (4, 2)])
+def test_vmap_over_a_batch(k1, k2, params):
+  n = 8
+  u, y = data(n, batch=3)
+  per_example_xs = (jnp.swapaxes(u, 0, 1)[:, :, None], jnp.swapaxes(y, 0, 1)[:, :, None])
+  h = carry0(batch=3)[:, None]  # (batch, 1, H): each example a batch of one
+  f = jbptt.truncated_loss(step_loss, k1=k1, k2=k2)
+  grads = jax.vmap(jax.grad(lambda p, h, xs: f(p, h, xs)[0]),
+                   in_axes=(None, 0, 0))(params, h, per_example_xs)
+  for i in range(3):
+    xs_i = tree_map(lambda a: a[i], per_example_xs)
+    _, want, _ = ref.truncated_loss(step_loss, params, h[i], xs_i, k1, k2)
+    assert_trees_close(tree_map(lambda g: g[i], grads), want)
+  # The batched call averages the per-example losses, so its gradient is
+  # the mean of the per-example gradients.
+  batched = jax.grad(lambda p: f(p, carry0(batch=3), (u, y))[0])(params)
+  assert_trees_close(batched, tree_map(lambda g: g.mean(0), grads))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("n,k1,k2", [(10, 2, 5), (11, 4, 4), (9, 5, 2)])
+def test_resets_match_reference(n, k1, k2, policy, params):
+  xs, h = data(n), carry0()
+  resets = np.zeros((n, 2), bool)
+  resets[3, 0] = resets[7, 1] = resets[8, 0] = True
+  h0 = jnp.zeros_like(h)
+  f = jbptt.truncated_loss(step_loss, k1=k1, k2=k2, policy=policy)
+  (loss, final), grad = jax.value_and_grad(f, has_aux=True)(
+      params, h, xs, resets=resets, initial_carry=h0)
+  want_loss, want_grad, want_final = ref.truncated_loss(
+      step_loss, params, h, xs, k1, k2, policy, resets=resets, h0=h0)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-10)
+  assert_trees_close(grad, want_grad)
+  assert_trees_close(final, want_final)
+
+
+@pytest.mark.parametrize("k1,k2", [(4, 4), (2, 8), (4, 1), (12, 12)])
+def test_reset_at_update_boundary_equals_separate_pieces(k1, k2, params):
+  """A reset cuts the sequence: the gradient is that of the two pieces."""
+  n, cut = 12, 4
+  xs, h = data(n), carry0()
+  resets = np.zeros((n,), bool)
+  resets[cut] = True
+  f = jbptt.truncated_loss(step_loss, k1=k1, k2=k2)
+  got = jax.grad(lambda p: f(p, h, xs, resets=resets)[0])(params)
+  first = tree_map(lambda a: a[:cut], xs)
+  second = tree_map(lambda a: a[cut:], xs)
+  g1 = jax.grad(lambda p: f(p, h, first)[0])(params)
+  g2 = jax.grad(lambda p: f(p, h, second)[0])(params)
+  # With k1 dividing the cut the pieces' updates line up with the whole's,
+  # except that k1 = n makes one update of the whole sequence.
+  want = tree_map(lambda a, b: (a * cut + b * (n - cut)) / n, g1, g2)
+  assert_trees_close(got, want)
