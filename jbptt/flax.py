@@ -68,7 +68,8 @@ def init_linen_cell(module: nn.Module, key, input_shape: tuple[int, ...]):
   """
   key_carry, key_params = jax.random.split(key)
   carry = module.initialize_carry(key_carry, tuple(input_shape))
-  variables = module.init(key_params, carry, jnp.zeros(input_shape))
+  dtype = getattr(module, "param_dtype", jnp.float32)
+  variables = module.init(key_params, carry, jnp.zeros(input_shape, dtype))
   return variables, carry
 
 

@@ -62,13 +62,19 @@ def _loss_of_piece(step_loss, params, h_s, piece, resets, h0):
   return loss
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted(step_loss):
+  """One step with the reset applied; jit only caches it."""
+  return jax.jit(lambda p, h, x, r, h0: step_loss(p, _reset(r, h0, h), x))
+
+
 def forward_states(step_loss, params, carry, xs, resets=None, h0=None):
   h0 = carry if h0 is None else h0
   n = jax.tree_util.tree_leaves(xs)[0].shape[0]
   hs = [carry]
   for j in range(1, n + 1):
     r = None if resets is None else resets[j - 1]
-    h, _ = step_loss(params, _reset(r, h0, hs[-1]), _x(xs, j - 1))
+    h, _ = _jitted(step_loss)(params, hs[-1], _x(xs, j - 1), r, h0)
     hs.append(h)
   return hs
 
@@ -103,7 +109,7 @@ def train(step_loss, optimizer, params, carry, xs, k1, k2, policy="new",
   losses = []
   for t in range(1, n + 1):
     r = None if resets is None else resets[t - 1]
-    h, _ = step_loss(params, _reset(r, h0, hs[-1]), _x(xs, t - 1))
+    h, _ = _jitted(step_loss)(params, hs[-1], _x(xs, t - 1), r, h0)
     hs.append(h)
     if t % k1 == 0:
       total, grad, count = 0.0, None, 0

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 
 def _path(path) -> str:
-  return jax.tree_util.keystr(path) or "<root>"
+  return jax.tree_util.keystr(path)
 
 
 def time_length(xs, name: str = "xs") -> int:
