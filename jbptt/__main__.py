@@ -29,7 +29,8 @@ class RecallModel(nn.Module):
 
   @nn.compact
   def __call__(self, carry, x):
-    carry, h = nn.OptimizedLSTMCell(self.hidden)(carry, jax.nn.one_hot(x, self.vocab))
+    inputs = jax.nn.one_hot(x, self.vocab)
+    carry, h = nn.OptimizedLSTMCell(self.hidden)(carry, inputs)
     return carry, nn.Dense(self.vocab)(h)
 
 
@@ -66,7 +67,8 @@ def run(k1, k2, steps, batch, hidden, vocab, lag, seed):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m jbptt", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(
+      prog="python -m jbptt", description=__doc__.split("\n")[0])
   parser.add_argument("--steps", type=int, default=4000)
   parser.add_argument("--lag", type=int, default=5)
   parser.add_argument("--seed", type=int, default=0)

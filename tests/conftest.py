@@ -5,8 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-jax.config.update("jax_enable_x64", True)
-
 tree_map = jax.tree_util.tree_map
 
 D, H, B = 3, 4, 2
@@ -73,6 +71,13 @@ def max_diff(a, b):
       float(jnp.max(jnp.abs(x - y)))
       for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
   )
+
+
+@pytest.fixture(autouse=True)
+def x64():
+  """The tests run in float64 (exact comparisons); the doctests do not."""
+  with jax.enable_x64(True):
+    yield
 
 
 @pytest.fixture

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import carry0, data, init_params, step_loss
 
 import jbptt
+
+from conftest import carry0, data, init_params, step_loss
 
 tree_map = jax.tree_util.tree_map
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 0.1, jnp.float64: 1e-12}

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import carry0, data, step_loss
 
 import jbptt
+
+from conftest import carry0, data, step_loss
 
 
 def make_truncated(step, **kw):

@@ -7,11 +7,12 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from conftest import D, assert_trees_close, max_diff
 
 import jbptt
 import jbptt.flax as jf
+
 import reference as ref
+from conftest import D, assert_trees_close, max_diff
 
 tree_map = jax.tree_util.tree_map
 LINEN_CELLS = [nn.LSTMCell, nn.OptimizedLSTMCell, nn.GRUCell, nn.MGUCell,

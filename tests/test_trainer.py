@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import (CONFIGS, POLICIES, assert_trees_close, carry0, data,
-                      step_loss)
 
 import jbptt
+
 import reference as ref
+from conftest import CONFIGS, POLICIES, assert_trees_close, carry0, data, step_loss
 
 tree_map = jax.tree_util.tree_map
 

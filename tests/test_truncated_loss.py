@@ -4,11 +4,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (CONFIGS, POLICIES, assert_trees_close, carry0, data,
-                      init_params, max_diff, step_loss)
 
 import jbptt
+
 import reference as ref
+from conftest import (
+  CONFIGS,
+  POLICIES,
+  assert_trees_close,
+  carry0,
+  data,
+  max_diff,
+  step_loss,
+)
 
 tree_map = jax.tree_util.tree_map
 
@@ -117,7 +125,8 @@ def test_final_carry_carries_no_gradient(params):
 def test_vmap_over_a_batch(k1, k2, params):
   n = 8
   u, y = data(n, batch=3)
-  per_example_xs = (jnp.swapaxes(u, 0, 1)[:, :, None], jnp.swapaxes(y, 0, 1)[:, :, None])
+  per_example_xs = (jnp.swapaxes(u, 0, 1)[:, :, None],
+                    jnp.swapaxes(y, 0, 1)[:, :, None])
   h = carry0(batch=3)[:, None]  # (batch, 1, H): each example a batch of one
   f = jbptt.truncated_loss(step_loss, k1=k1, k2=k2)
   grads = jax.vmap(jax.grad(lambda p, h, xs: f(p, h, xs)[0]),

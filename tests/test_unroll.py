@@ -4,10 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_trees_close, carry0, data, init_params, max_diff
 
 import jbptt
+
 import reference as ref
+from conftest import assert_trees_close, carry0, data, init_params, max_diff
 
 
 def cell(p, h, u):

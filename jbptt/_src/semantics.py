@@ -119,6 +119,12 @@ def check_policy(policy) -> str:
   return policy
 
 
+def check_config(k1, k2, policy) -> tuple[int, int, str]:
+  """Validates a TBPTT(k1, k2) configuration; returns it normalised."""
+  return (check_positive_int("k1", k1), check_positive_int("k2", k2),
+          check_policy(policy))
+
+
 def update_ends(n: int, k1: int) -> list[int]:
   """The steps at which the updates of a sequence of length ``n`` end."""
   ends = list(range(k1, n + 1, k1))
@@ -161,9 +167,7 @@ def schedule(n: int, k1: int, k2: int, policy: str = "new") -> list[Update]:
     Update(t=2, injected=((2, 1),))
   """
   n = check_positive_int("n", n)
-  k1 = check_positive_int("k1", k1)
-  k2 = check_positive_int("k2", k2)
-  policy = check_policy(policy)
+  k1, k2, policy = check_config(k1, k2, policy)
   updates, t_prev = [], 0
   for t in update_ends(n, k1):
     updates.append(Update(t, injected(t, t_prev, k2, policy)))

@@ -7,13 +7,10 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 
-from jbptt._src import checks
-from jbptt._src import segment
-from jbptt._src import semantics
+from jbptt._src import checks, segment, semantics
 from jbptt._src import truncated_loss as tl
 
 tree_map = jax.tree_util.tree_map
@@ -158,9 +155,7 @@ def trainer(
     Williams & Peng, An Efficient Gradient-Based Algorithm for On-Line
     Training of Recurrent Network Trajectories, Neural Computation, 1990.
   """
-  k1 = semantics.check_positive_int("k1", k1)
-  k2 = semantics.check_positive_int("k2", k2)
-  policy = semantics.check_policy(policy)
+  k1, k2, policy = semantics.check_config(k1, k2, policy)
   if not isinstance(optimizer, optax.GradientTransformation) and not (
       hasattr(optimizer, "init") and hasattr(optimizer, "update")
   ):

@@ -7,9 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jbptt._src import checks
-from jbptt._src import segment
-from jbptt._src import semantics
+from jbptt._src import checks, segment, semantics
 
 tree_map = jax.tree_util.tree_map
 
@@ -160,9 +158,7 @@ def truncated_loss(step_loss, *, k1: int, k2: int, policy: str = "new"):
     Williams & Peng, An Efficient Gradient-Based Algorithm for On-Line
     Training of Recurrent Network Trajectories, Neural Computation, 1990.
   """
-  k1 = semantics.check_positive_int("k1", k1)
-  k2 = semantics.check_positive_int("k2", k2)
-  policy = semantics.check_policy(policy)
+  k1, k2, policy = semantics.check_config(k1, k2, policy)
 
   def loss_fn(params, carry, xs, *, resets=None, initial_carry=None):
     n = checks.time_length(xs)
