@@ -1,0 +1,196 @@
+"""The ``jbptt`` command end to end in a subprocess, and every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jbptt
+from jbptt import cli, tasks
+
+
+def jbptt_cmd(*args, timeout=600):
+  return subprocess.run([sys.executable, "-m", "jbptt", *args],
+                        capture_output=True, text=True, timeout=timeout,
+                        check=False)
+
+
+TINY = ["--steps", "64", "--batch", "4", "--hidden", "8"]
+
+
+def test_compare_end_to_end(tmp_path):
+  out = tmp_path / "cmp"
+  r = jbptt_cmd("compare", "--out", str(out), "--seed", "1", *TINY)
+  assert r.returncode == 0, r.stderr
+  assert "n = 16" in r.stdout
+  rows = json.loads((out / "results.json").read_text())
+  assert [(row["k1"], row["k2"]) for row in rows] == [
+      (16, 16), (1, 16), (8, 1), (4, 16), (16, 16)]
+  for row in rows:
+    assert set(row) >= {"config", "k1", "k2", "updates", "wall_s",
+                        "final_loss", "final_accuracy"}
+    assert row["updates"] == 64 // row["k1"]
+    assert 0 <= row["final_accuracy"] <= 1
+  assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert not [p for p in os.listdir(out) if p.startswith(".jbptt")]
+
+
+def test_train_task_and_checkpoint(tmp_path):
+  out = tmp_path / "train"
+  r = jbptt_cmd("train", "--task", "mackey-glass", "--k1", "4", "--k2", "8",
+                "--policy", "window", "--cell", "gru", "--out", str(out), *TINY)
+  assert r.returncode == 0, r.stderr
+  (row,) = json.loads((out / "results.json").read_text())
+  assert (row["k1"], row["k2"], row["updates"]) == (4, 8, 16)
+  assert row["final_accuracy"] is None
+  assert (out / "checkpoint.msgpack").stat().st_size > 0
+  assert (out / "curves.png").exists()
+
+
+@pytest.mark.parametrize("kind", ["text", "csv", "npy"])
+def test_train_on_user_data(tmp_path, kind):
+  if kind == "text":
+    data = tmp_path / "book.txt"
+    data.write_text("héllo wörld, " * 40, encoding="utf-8")
+  elif kind == "csv":
+    data = tmp_path / "series.csv"
+    t = np.arange(300)
+    data.write_text("a,b\n" + "\n".join(f"{np.sin(x / 5):.4f},{x % 7}" for x in t))
+  else:
+    data = tmp_path / "series.npy"
+    np.save(data, np.cos(np.arange(200) / 3.0))
+  out = tmp_path / "o"
+  r = jbptt_cmd("train", "--data", str(data), "--k1", "8", "--k2", "8",
+                "--out", str(out), *TINY)
+  assert r.returncode == 0, r.stderr
+  assert json.loads((out / "results.json").read_text())[0]["updates"] == 8
+
+
+def test_schedule_diagram():
+  r = jbptt_cmd("schedule", "--n", "10", "--k1", "4", "--k2", "6")
+  assert r.returncode == 0, r.stderr
+  lines = r.stdout.splitlines()
+  rows = [line for line in lines if line.startswith("t=")]
+  assert len(rows) == 3  # updates at 4, 8, 10
+  assert rows[0].endswith(" |oooo" + "." * 6)  # t=4: losses 1..4 from h_0
+  assert rows[1].endswith("..|--oooo" + "." * 2)   # t=8: truncated at 2
+  assert rows[2].endswith("." * 4 + "|----oo")     # t=10: truncated at 4
+
+
+def test_diagram_k1_greater_than_k2():
+  text = cli.diagram(6, 6, 2)
+  row = [line for line in text.splitlines() if line.startswith("t=")][0]
+  # losses 1..4 see one step each, 5..6 go back to the state after step 4
+  assert row.endswith("|oooooo")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--task", "recall", "--k1", "0", "--k2", "4"], "--k1 must be >= 1"),
+    (["train", "--task", "recall", "--k1", "4", "--k2", "-1"], "--k2 must be >= 1"),
+    (["train", "--task", "recall", "--k1", "x", "--k2", "4"],
+     "--k1 must be an integer"),
+    (["compare", "--task", "nope"], "unknown task 'nope'"),
+    (["train", "--data", "/does/not/exist.txt", "--k1", "2", "--k2", "2"],
+     "does not exist"),
+    (["schedule", "--n", "5", "--k1", "0", "--k2", "1"], "--k1 must be >= 1"),
+    (["schedule", "--n", "500", "--k1", "2", "--k2", "2"], "too long to draw"),
+    (["compare", "--steps", "0"], "--steps must be >= 1"),
+])
+def test_bad_input_exits_2_with_one_line(args, message):
+  r = jbptt_cmd(*args, timeout=120)
+  assert r.returncode == 2
+  assert message in r.stderr
+  assert "Traceback" not in r.stderr
+  assert len(r.stderr.strip().splitlines()) <= 3  # argparse adds its usage
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "fewer than 2 characters"),
+    (b"\xff\xfe\x00bad", "is not UTF-8"),
+])
+def test_bad_text_data(tmp_path, content, message):
+  data = tmp_path / "d.txt"
+  data.write_bytes(content)
+  out = tmp_path / "o"
+  r = jbptt_cmd("train", "--data", str(data), "--k1", "2", "--k2", "2",
+                "--out", str(out), timeout=120)
+  assert r.returncode == 2 and message in r.stderr
+  assert "Traceback" not in r.stderr
+  assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("content,suffix,message", [
+    ("1.0\n2.0\nabc\n", ".csv", "line 3: 'abc' is not a number"),
+    ("1,2\n3\n", ".csv", "line 2: 1 columns, expected 2"),
+    ("", ".csv", "must hold a series"),
+    ("1.0\nnan\n", ".csv", "NaN or inf"),
+])
+def test_bad_series_data(tmp_path, content, suffix, message):
+  data = tmp_path / f"d{suffix}"
+  data.write_text(content)
+  r = jbptt_cmd("train", "--data", str(data), "--k1", "2", "--k2", "2",
+                "--out", str(tmp_path / "o"), timeout=120)
+  assert r.returncode == 2 and message in r.stderr, r.stderr
+  assert "Traceback" not in r.stderr
+
+
+def test_unwritable_out(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  r = jbptt_cmd("compare", "--out", str(blocker), timeout=120)
+  assert r.returncode == 2 and "is not a folder" in r.stderr
+  r = jbptt_cmd("compare", "--out", str(blocker / "sub"), timeout=120)
+  assert r.returncode == 2 and "cannot be written" in r.stderr
+  assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("name", sorted(tasks.BUILTIN))
+def test_generators_are_deterministic_with_shapes(name):
+  task = tasks.get(name)
+  a = task.sample(3, 50, 4)
+  b = task.sample(3, 50, 4)
+  c = task.sample(4, 50, 4)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  assert not np.array_equal(a[0], c[0])
+  inputs, targets = a
+  assert inputs.shape[:2] == (50, 4) and targets.shape[:2] == (50, 4)
+  if task.symbols:
+    assert inputs.dtype == np.int32 and inputs.max() < task.in_dim
+  else:
+    assert inputs.shape[2] == task.in_dim and targets.shape[2] == task.out_dim
+    assert np.all(np.isfinite(inputs))
+
+
+def test_recall_targets_are_lagged_inputs():
+  inputs, targets = tasks.delayed_recall(lag=3, vocab=5).sample(0, 20, 2)
+  np.testing.assert_array_equal(targets[3:], inputs[:-3])
+
+
+def test_adding_targets_sum_the_last_two_marked_values():
+  inputs, targets = tasks.adding(gap=4).sample(0, 200, 1)
+  values, marks = inputs[:, 0, 0], inputs[:, 0, 1] > 0
+  marked = []
+  for t in range(200):
+    if marks[t]:
+      marked.append(values[t])
+    want = sum(marked[-2:])
+    np.testing.assert_allclose(targets[t, 0, 0], want, rtol=1e-6)
+
+
+def test_mackey_glass_is_bounded_and_chaotic():
+  inputs, targets = tasks.mackey_glass().sample(0, 1000, 2)
+  np.testing.assert_array_equal(inputs[1:], targets[:-1])
+  assert abs(float(inputs.mean())) < 1 and 0.3 < float(inputs.std()) < 3
+  assert not np.allclose(inputs[:, 0], inputs[:, 1])
+
+
+def test_console_script_is_declared():
+  import importlib.metadata as md
+
+  eps = md.entry_points(group="console_scripts")
+  assert any(ep.name == "jbptt" and ep.value == "jbptt.cli:main" for ep in eps)
+  assert jbptt.__version__
