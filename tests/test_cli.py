@@ -46,7 +46,11 @@ def test_train_task_and_checkpoint(tmp_path):
   (row,) = json.loads((out / "results.json").read_text())
   assert (row["k1"], row["k2"], row["updates"]) == (4, 8, 16)
   assert row["final_accuracy"] is None
-  assert (out / "checkpoint.msgpack").stat().st_size > 0
+  from flax import serialization
+
+  saved = serialization.msgpack_restore((out / "checkpoint.msgpack").read_bytes())
+  assert {"params", "opt_state", "carry", "step"} <= set(saved)
+  assert int(saved["step"]) == 64
   assert (out / "curves.png").exists()
 
 

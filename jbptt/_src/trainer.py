@@ -138,7 +138,7 @@ def trainer(
     is an optional boolean ``(len(xs),) + S`` mask (``S`` a leading prefix of
     the carry leaves' shapes): where it is true the carry is replaced by the
     initial carry before the step and no gradient crosses the boundary.
-    The first ``update`` allocates the history buffers (one extra trace).
+    The first ``update`` allocates the history buffers from its ``xs``.
 
   Examples:
     >>> import jax.numpy as jnp, optax, jbptt
