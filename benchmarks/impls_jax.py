@@ -1,0 +1,217 @@
+"""The JAX implementations: jbptt and what a JAX user would write by hand.
+
+Every implementation trains the same model (a Flax ``OptimizedLSTMCell`` and
+a linear read-out, squared error) with Adam on the same data, and exposes
+``run(xs, ys)``: train on one stretch of ``n`` steps, blocking until done.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+import jbptt
+from jbptt import flax as jf
+
+LR = 1e-3
+
+
+class Model(nn.Module):
+  hidden: int
+  out: int
+
+  @nn.compact
+  def __call__(self, carry, x):
+    carry, h = nn.OptimizedLSTMCell(self.hidden, name="cell")(carry, x)
+    return carry, nn.Dense(self.out, name="readout")(h)
+
+
+def setup(case, seed=0):
+  """``(cell, params, carry, step_loss)`` for a case."""
+  model = Model(case.hidden, 1)
+  key = jax.random.key(seed)
+  carry = nn.OptimizedLSTMCell(case.hidden).initialize_carry(
+      key, (case.batch, case.dim))
+  params = model.init(key, carry, jnp.zeros((case.batch, case.dim), jnp.float32))
+  cell = jf.linen_cell(model)
+  step_loss = jbptt.cell_loss(cell, lambda o, y: jnp.mean((o - y) ** 2))
+  return cell, params, carry, step_loss
+
+
+def _block(tree):
+  return jax.block_until_ready(tree)
+
+
+class Trainer:
+  """``jbptt.trainer``: the stream flows across calls."""
+
+  name = "jbptt.trainer"
+
+  def __init__(self, case):
+    _, params, carry, step_loss = setup(case)
+    self.tr = jbptt.trainer(step_loss, optax.adam(LR), k1=case.k1, k2=case.k2)
+    self.state = self.tr.init(params, carry)
+
+  def run(self, xs, ys):
+    self.state, metrics = self.tr.update(self.state, (xs, ys))
+    _block(metrics.loss)
+
+
+class TruncatedLoss:
+  """``jbptt.truncated_loss`` on the sequence, then one Adam step."""
+
+  name = "jbptt.truncated_loss"
+
+  def __init__(self, case):
+    _, self.params, self.carry, step_loss = setup(case)
+    f = jbptt.truncated_loss(step_loss, k1=case.k1, k2=case.k2)
+    opt = optax.adam(LR)
+    self.opt_state = opt.init(self.params)
+
+    @jax.jit
+    def step(params, opt_state, carry, xs, ys):
+      (loss, carry), grads = jax.value_and_grad(f, has_aux=True)(
+          params, carry, (xs, ys))
+      updates, opt_state = opt.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, carry, loss
+
+    self.step = step
+
+  def run(self, xs, ys):
+    self.params, self.opt_state, self.carry, loss = self.step(
+        self.params, self.opt_state, self.carry, xs, ys)
+    _block(loss)
+
+
+class FullBPTT:
+  """Full BPTT: one gradient of the whole sequence, one Adam step."""
+
+  name = "full BPTT"
+
+  def __init__(self, case):
+    cell, self.params, self.carry, step_loss = setup(case)
+    opt = optax.adam(LR)
+    self.opt_state = opt.init(self.params)
+
+    def loss_fn(params, carry, xs, ys):
+      carry, losses = jax.lax.scan(
+          lambda h, x: step_loss(params, h, x), carry, (xs, ys))
+      return jnp.mean(losses), carry
+
+    @jax.jit
+    def step(params, opt_state, carry, xs, ys):
+      (loss, carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          params, carry, xs, ys)
+      updates, opt_state = opt.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, carry, loss
+
+    self.step = step
+
+  def run(self, xs, ys):
+    self.params, self.opt_state, self.carry, loss = self.step(
+        self.params, self.opt_state, self.carry, xs, ys)
+    _block(loss)
+
+
+class ScanReference:
+  """Hand-written: one jitted scan over chunks, stop_gradient at boundaries,
+  an Adam step per chunk (k1 = k2 only): the zero-overhead reference."""
+
+  name = "hand-written scan"
+
+  def __init__(self, case):
+    if case.k1 != case.k2:
+      raise NotImplementedError("chunk boundaries need k1 = k2")
+    _, self.params, self.carry, step_loss = setup(case)
+    opt = optax.adam(LR)
+    self.opt_state = opt.init(self.params)
+    k = case.k1
+
+    def chunk_loss(params, h, xc, yc):
+      h, losses = jax.lax.scan(lambda h, x: step_loss(params, h, x),
+                               jax.lax.stop_gradient(h), (xc, yc))
+      return jnp.mean(losses), h
+
+    @jax.jit
+    def run(params, opt_state, carry, xs, ys):
+      fold = lambda a: a.reshape((-1, k) + a.shape[1:])
+
+      def body(c, inp):
+        params, opt_state, h = c
+        (loss, h), g = jax.value_and_grad(chunk_loss, has_aux=True)(
+            params, h, *inp)
+        updates, opt_state = opt.update(g, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state, h), loss
+
+      (params, opt_state, carry), losses = jax.lax.scan(
+          body, (params, opt_state, carry), (fold(xs), fold(ys)))
+      return params, opt_state, carry, losses
+
+    self.step = run
+
+  def run(self, xs, ys):
+    self.params, self.opt_state, self.carry, loss = self.step(
+        self.params, self.opt_state, self.carry, xs, ys)
+    _block(loss)
+
+
+class FlaxLoop:
+  """What a JAX user writes today: a Python loop over updates, one jitted
+  call per update (the window re-run from the stored stream state)."""
+
+  name = "Flax + Python loop"
+
+  def __init__(self, case):
+    if case.k1 > case.k2:
+      raise NotImplementedError("written for k1 <= k2")
+    _, self.params, self.carry, step_loss = setup(case)
+    opt = optax.adam(LR)
+    self.opt_state = opt.init(self.params)
+    self.k1, self.k2 = case.k1, case.k2
+
+    def window_loss(params, h, xw, yw):
+      h, losses = jax.lax.scan(lambda h, x: step_loss(params, h, x),
+                               jax.lax.stop_gradient(h), (xw, yw))
+      return jnp.mean(losses[-case.k1:]), h
+
+    @jax.jit
+    def update(params, opt_state, h, xw, yw):
+      (loss, h), g = jax.value_and_grad(window_loss, has_aux=True)(
+          params, h, xw, yw)
+      updates, opt_state = opt.update(g, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, h, loss
+
+    @jax.jit
+    def advance(params, h, xc, yc):
+      return jax.lax.scan(lambda h, x: step_loss(params, h, x), h, (xc, yc))[0]
+
+    self.update, self.advance = update, advance
+
+  def run(self, xs, ys):
+    k1, k2 = self.k1, self.k2
+    n = xs.shape[0]
+    if k1 >= k2:  # the window is the chunk
+      for t in range(k1, n + 1, k1):
+        self.params, self.opt_state, self.carry, loss = self.update(
+            self.params, self.opt_state, self.carry, xs[t - k1:t], ys[t - k1:t])
+    else:  # keep the stream states; windows reach back k2 steps
+      states = {0: self.carry}
+      for t in range(k1, n + 1, k1):
+        states[t] = self.advance(self.params, states[t - k1], xs[t - k1:t],
+                                 ys[t - k1:t])
+        s = max(0, t - k2)
+        if s not in states:
+          base = (s // k1) * k1
+          states[s] = self.advance(self.params, states[base], xs[base:s],
+                                   ys[base:s])
+        self.params, self.opt_state, _, loss = self.update(
+            self.params, self.opt_state, states[s], xs[s:t], ys[s:t])
+        for old in [key for key in states if key < t - k2 - k1]:
+          del states[old]
+      self.carry = states[max(states)]
+    _block(loss)
+
+
+IMPLS = [Trainer, TruncatedLoss, ScanReference, FlaxLoop, FullBPTT]

@@ -1,0 +1,326 @@
+"""jbptt against PyTorch, Keras and hand-written JAX TBPTT, side by side.
+
+    python benchmarks/run.py [--quick] [--smoke] [--out DIR] [--cases NAME ...]
+
+Each case runs every implementation in this one process, interleaved, after a
+warm-up call (whose extra time over the median is reported as compile time),
+and reports medians over the repeats. The memory case runs each point in a
+fresh subprocess and reports its peak resident memory (on a GPU, the device's
+peak). Writes ``DIR/results.json``, ``DIR/results.md`` (every time also as a
+ratio to ``jbptt.trainer`` measured in the same run) and PNG plots. The same
+command runs on a GPU: JAX finds it, and PyTorch uses CUDA when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ["KERAS_BACKEND"] = "jax"  # before anything imports Keras
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import impls_jax  # noqa: E402
+import impls_torch  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  name: str
+  batch: int
+  dim: int
+  hidden: int
+  n: int
+  k1: int
+  k2: int
+
+
+def cases(mode: str) -> dict[str, list[Case]]:
+  """Named groups of cases; ``mode`` is full, quick or smoke."""
+  if mode == "smoke":
+    return {
+        "lstm": [Case("lstm", 2, 3, 8, 32, 8, 8), Case("lstm", 2, 3, 8, 32, 4, 8)],
+        "memory": [],
+    }
+  n_big = 1024 if mode == "full" else 256
+  return {
+      "lstm": [Case("lstm", 32, 16, 128, n_big, 32, 32),
+               Case("lstm", 32, 16, 128, n_big, 8, 32)],
+      "online": [Case("online", 1, 4, 32, 512, 4, 16),
+                 Case("online", 1, 4, 32, 512, 1, 16)],
+      "k2-sweep": [Case("k2-sweep", 32, 16, 128, n_big // 2, 8, k2)
+                   for k2 in (8, 16, 32, 64)],
+      "memory": [],  # run by memory_case
+  }
+
+
+def device_name() -> str:
+  d = jax.devices()[0]
+  if d.platform == "cpu":
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+  return f"{d.platform} ({d.device_kind})"
+
+
+def data(case: Case, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  xs = rng.standard_normal((case.n, case.batch, case.dim)).astype(np.float32)
+  ys = rng.standard_normal((case.n, case.batch, 1)).astype(np.float32)
+  return jax.numpy.asarray(xs), jax.numpy.asarray(ys)
+
+
+def available(impl_types, case):
+  """Instances of the implementations that can run ``case`` here."""
+  made, skipped = [], []
+  for impl_type in impl_types:
+    try:
+      made.append(impl_type(case))
+    except (NotImplementedError, ImportError) as e:
+      skipped.append((impl_type.name, str(e)))
+  return made, skipped
+
+
+def time_case(case: Case, repeats: int, progress=None):
+  """Rows for every implementation of one case, interleaved repeats."""
+  xs, ys = data(case)
+  impls, skipped = available(impls_jax.IMPLS + impls_torch.IMPLS, case)
+  first = {}
+  for impl in impls:
+    start = time.perf_counter()
+    impl.run(xs, ys)
+    first[impl.name] = time.perf_counter() - start
+    if progress:
+      progress()
+  times = {impl.name: [] for impl in impls}
+  for _ in range(repeats):
+    for impl in impls:
+      start = time.perf_counter()
+      impl.run(xs, ys)
+      times[impl.name].append(time.perf_counter() - start)
+      if progress:
+        progress()
+  rows = []
+  for impl in impls:
+    med = statistics.median(times[impl.name])
+    rows.append({
+        "case": case.name, "impl": impl.name, "k1": case.k1, "k2": case.k2,
+        "batch": case.batch, "hidden": case.hidden, "n": case.n,
+        "ms_per_seq": round(med * 1e3, 2), "steps_per_s": round(case.n / med, 1),
+        "peak_mem_mb": _device_peak_mb(),
+        "compile_s": round(max(0.0, first[impl.name] - med), 3),
+        "device": device_name(),
+    })
+  return rows, skipped
+
+
+def _device_peak_mb():
+  stats = jax.devices()[0].memory_stats()
+  if not stats or "peak_bytes_in_use" not in stats:
+    return None  # the CPU reports no device memory; see the memory case
+  return round(stats["peak_bytes_in_use"] / 2**20, 1)
+
+
+# -- memory against stream length, one subprocess per point ---------------------
+
+
+def _high_water_mb():
+  """This process's peak resident memory (VmHWM; reset by exec, unlike
+  ru_maxrss, which a child inherits from a large parent)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  import resource
+
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_probe(impl: str, n: int, chunk: int) -> dict:
+  """Runs in a fresh process: trains on a stream of n steps, returns peaks."""
+  case = Case("memory", 8, 4, 64, n, 32, 32)
+  rss0 = _high_water_mb()
+  rng = np.random.default_rng(0)
+  if impl == "jbptt.trainer":
+    model = impls_jax.Trainer(case)
+    for start in range(0, n, chunk):  # the stream arrives chunk by chunk
+      m = min(chunk, n - start)
+      model.run(*data(dataclasses.replace(case, n=m), seed=start))
+  else:
+    model = impls_jax.FullBPTT(case)
+    xs = rng.standard_normal((n, case.batch, case.dim)).astype(np.float32)
+    ys = rng.standard_normal((n, case.batch, 1)).astype(np.float32)
+    model.run(jax.numpy.asarray(xs), jax.numpy.asarray(ys))
+  return {"peak_rss_mb": round(_high_water_mb(), 1),
+          "start_rss_mb": round(rss0, 1), "device_peak_mb": _device_peak_mb()}
+
+
+def memory_case(lengths, chunk, progress=None):
+  rows = []
+  for impl in ("jbptt.trainer", "full BPTT"):
+    for n in lengths:
+      if impl == "full BPTT" and n > 100_000:
+        continue  # grows linearly; 1e5 already shows it
+      start = time.perf_counter()
+      out = subprocess.run(
+          [sys.executable, __file__, "--_memprobe", impl, str(n), str(chunk)],
+          capture_output=True, text=True, check=False)
+      wall = time.perf_counter() - start
+      if out.returncode != 0:
+        raise RuntimeError(f"memory probe {impl} n={n} failed:\n{out.stderr}")
+      probe = json.loads(out.stdout.strip().splitlines()[-1])
+      peak = probe["device_peak_mb"] or probe["peak_rss_mb"]
+      rows.append({
+          "case": "memory", "impl": impl, "k1": 32, "k2": 32, "batch": 8,
+          "hidden": 64, "n": n, "ms_per_seq": round(wall * 1e3, 1),
+          "steps_per_s": round(n / wall, 1), "peak_mem_mb": peak,
+          "compile_s": None, "device": device_name(),
+      })
+      if progress:
+        progress()
+  return rows
+
+
+# -- outputs ---------------------------------------------------------------------
+
+
+def markdown(rows, skipped) -> str:
+  lines = [f"Device: {device_name()}. Medians; ratio = time / jbptt.trainer's time "
+           "in the same case and run (> 1: slower than jbptt).", ""]
+  lines += ["| case | k1 | k2 | B | H | n | implementation | ms / seq | steps/s | "
+            "ratio to jbptt | compile s | peak MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for row in rows:
+    if row["case"] == "memory":
+      continue
+    base = next(r["ms_per_seq"] for r in rows if r["case"] == row["case"]
+                and r["k1"] == row["k1"] and r["k2"] == row["k2"]
+                and r["impl"] == "jbptt.trainer")
+    lines.append(
+        f"| {row['case']} | {row['k1']} | {row['k2']} | {row['batch']} | "
+        f"{row['hidden']} | {row['n']} | {row['impl']} | {row['ms_per_seq']:.1f} | "
+        f"{row['steps_per_s']:.0f} | {row['ms_per_seq'] / base:.2f} | "
+        f"{row['compile_s']} | {row['peak_mem_mb'] or '-'} |")
+  mem = [r for r in rows if r["case"] == "memory"]
+  if mem:
+    lines += ["", "Memory against stream length (TBPTT(32, 32), B=8, H=64; peak "
+              "resident memory of a fresh process, or the device's peak on a GPU):",
+              "", "| implementation | n | peak MB | wall s |", "|---|---|---|---|"]
+    lines += [f"| {r['impl']} | {r['n']} | {r['peak_mem_mb']} | "
+              f"{r['ms_per_seq'] / 1e3:.1f} |" for r in mem]
+  if skipped:
+    lines += ["", "Not run here: " + "; ".join(
+        sorted({f"{name} ({why})" for name, why in skipped}))]
+  return "\n".join(lines) + "\n"
+
+
+def plots(rows, out: pathlib.Path):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  speed = [r for r in rows if r["case"] != "memory"]
+  groups = sorted({(r["case"], r["k1"], r["k2"]) for r in speed},
+                  key=lambda g: (g[0], g[1], g[2]))
+  impls = sorted({r["impl"] for r in speed})
+  if groups:
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4.5))
+    width = 0.8 / len(impls)
+    for i, impl in enumerate(impls):
+      xs, hs = [], []
+      for j, g in enumerate(groups):
+        match = [r for r in speed if (r["case"], r["k1"], r["k2"]) == g
+                 and r["impl"] == impl]
+        if match:
+          xs.append(j + i * width)
+          hs.append(match[0]["ms_per_seq"])
+      ax.bar(xs, hs, width, label=impl)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    ax.set_xticklabels([f"{c}\n({k1}, {k2})" for c, k1, k2 in groups], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per sequence (log)")
+    ax.set_title(f"TBPTT training time, {device_name()}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "speed.png", dpi=110)
+    plt.close(fig)
+  mem = [r for r in rows if r["case"] == "memory"]
+  if mem:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for impl in sorted({r["impl"] for r in mem}):
+      pts = sorted((r["n"], r["peak_mem_mb"]) for r in mem if r["impl"] == impl)
+      ax.plot(*zip(*pts), marker="o", label=impl)
+    ax.set_xscale("log")
+    ax.set_xlabel("stream length n")
+    ax.set_ylabel("peak memory (MB)")
+    ax.set_title("Memory against stream length, TBPTT(32, 32)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "memory.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  mode = parser.add_mutually_exclusive_group()
+  mode.add_argument("--quick", action="store_true", help="smaller cases, 3 repeats")
+  mode.add_argument("--smoke", action="store_true", help="tiny, seconds (CI)")
+  parser.add_argument("--out", default="bench-out")
+  parser.add_argument("--cases", nargs="*", help="lstm, online, k2-sweep, memory")
+  parser.add_argument("--repeats", type=int)
+  parser.add_argument("--_memprobe", nargs=3, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args._memprobe:
+    impl, n, chunk = args._memprobe
+    print(json.dumps(memory_probe(impl, int(n), int(chunk))))
+    return 0
+  level = "smoke" if args.smoke else "quick" if args.quick else "full"
+  groups = cases(level)
+  wanted = args.cases or list(groups)
+  unknown = [c for c in wanted if c not in groups]
+  if unknown:
+    parser.error(f"unknown case(s) {unknown}; choose from {list(groups)}")
+  repeats = args.repeats or {"smoke": 1, "quick": 3, "full": 7}[level]
+  lengths = {"smoke": [1000], "quick": [1000, 10_000, 100_000],
+             "full": [1000, 10_000, 100_000, 1_000_000]}[level]
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+
+  from rich.progress import Progress
+
+  rows, skipped = [], []
+  with Progress() as progress:
+    for group in wanted:
+      if group == "memory":
+        bar = progress.add_task("memory", total=2 * len(lengths))
+        rows += memory_case(lengths, 1000, lambda: progress.advance(bar))
+        continue
+      for case in groups[group]:
+        n_impls = len(available(impls_jax.IMPLS + impls_torch.IMPLS, case)[0])
+        bar = progress.add_task(f"{case.name} ({case.k1}, {case.k2})",
+                                total=n_impls * (repeats + 1))
+        case_rows, case_skipped = time_case(case, repeats,
+                                            lambda bar=bar: progress.advance(bar))
+        rows += case_rows
+        skipped += case_skipped
+  (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+  (out / "results.md").write_text(markdown(rows, skipped))
+  plots(rows, out)
+  print(markdown(rows, skipped))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
