@@ -51,6 +51,7 @@ def cases(mode: str) -> dict[str, list[Case]]:
     return {
         "lstm": [Case("lstm", 2, 3, 8, 32, 8, 8), Case("lstm", 2, 3, 8, 32, 4, 8)],
         "memory": [],
+        "devices": [],
     }
   n_big = 1024 if mode == "full" else 256
   return {
@@ -61,6 +62,7 @@ def cases(mode: str) -> dict[str, list[Case]]:
       "k2-sweep": [Case("k2-sweep", 32, 16, 128, n_big // 2, 8, k2)
                    for k2 in (8, 16, 32, 64)],
       "memory": [],  # run by memory_case
+      "devices": [],  # run by devices_case
   }
 
 
@@ -192,6 +194,60 @@ def memory_case(lengths, chunk, progress=None):
   return rows
 
 
+# -- data parallel over forced host devices, one subprocess per count ---------
+
+
+def devices_probe(count: int, n: int, repeats: int) -> dict:
+  """Runs in a process with ``count`` host devices: trainer throughput."""
+  import jbptt.sharding as js
+
+  case = Case("devices", 32, 16, 128, n, 32, 32)
+  model = impls_jax.Trainer(case)
+  mesh = js.batch_mesh()
+  model.state = model.state._replace(
+      params=js.replicate(model.state.params, mesh),
+      opt_state=js.replicate(model.state.opt_state, mesh),
+      carry=js.shard_batch(model.state.carry, mesh),
+      initial_carry=js.shard_batch(model.state.initial_carry, mesh))
+  xs, ys = js.shard_batch(data(case), mesh, batch_axis=1)
+  start = time.perf_counter()
+  model.run(xs, ys)
+  first = time.perf_counter() - start
+  model.run(xs, ys)  # the state's shardings settle after the first call
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    model.run(xs, ys)
+    times.append(time.perf_counter() - start)
+  med = statistics.median(times)
+  return {"ms": med * 1e3, "compile_s": max(0.0, first - med),
+          "devices": len(jax.devices())}
+
+
+def devices_case(n: int, repeats: int, progress=None):
+  rows = []
+  for count in (1, 2, 4):
+    env = dict(os.environ,
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={count}")
+    out = subprocess.run(
+        [sys.executable, __file__, "--_devprobe", str(count), str(n), str(repeats)],
+        capture_output=True, text=True, check=False, env=env)
+    if out.returncode != 0:
+      raise RuntimeError(f"devices probe {count} failed:\n{out.stderr}")
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    rows.append({
+        "case": "devices", "impl": f"jbptt.trainer, {probe['devices']} device(s)",
+        "k1": 32, "k2": 32, "batch": 32, "hidden": 128, "n": n,
+        "ms_per_seq": round(probe["ms"], 2),
+        "steps_per_s": round(n / probe["ms"] * 1e3, 1), "peak_mem_mb": None,
+        "compile_s": round(probe["compile_s"], 3),
+        "device": device_name() + f", {count} forced host device(s)",
+    })
+    if progress:
+      progress()
+  return rows
+
+
 # -- outputs ---------------------------------------------------------------------
 
 
@@ -202,7 +258,7 @@ def markdown(rows, skipped) -> str:
             "ratio to jbptt | compile s | peak MB |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
-    if row["case"] == "memory":
+    if row["case"] in ("memory", "devices"):
       continue
     base = next(r["ms_per_seq"] for r in rows if r["case"] == row["case"]
                 and r["k1"] == row["k1"] and r["k2"] == row["k2"]
@@ -219,6 +275,16 @@ def markdown(rows, skipped) -> str:
               "", "| implementation | n | peak MB | wall s |", "|---|---|---|---|"]
     lines += [f"| {r['impl']} | {r['n']} | {r['peak_mem_mb']} | "
               f"{r['ms_per_seq'] / 1e3:.1f} |" for r in mem]
+  dev = [r for r in rows if r["case"] == "devices"]
+  if dev:
+    base = dev[0]["ms_per_seq"]
+    lines += ["", "Data parallel over forced host devices (jbptt.trainer, "
+              "TBPTT(32, 32), B=32 split over the devices, H=128; ratio to one "
+              "device):", "",
+              "| implementation | ms / seq | steps/s | ratio to 1 device |",
+              "|---|---|---|---|"]
+    lines += [f"| {r['impl']} | {r['ms_per_seq']:.1f} | {r['steps_per_s']:.0f} | "
+              f"{r['ms_per_seq'] / base:.2f} |" for r in dev]
   if skipped:
     lines += ["", "Not run here: " + "; ".join(
         sorted({f"{name} ({why})" for name, why in skipped}))]
@@ -231,7 +297,7 @@ def plots(rows, out: pathlib.Path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  speed = [r for r in rows if r["case"] != "memory"]
+  speed = [r for r in rows if r["case"] not in ("memory", "devices")]
   groups = sorted({(r["case"], r["k1"], r["k2"]) for r in speed},
                   key=lambda g: (g[0], g[1], g[2]))
   impls = sorted({r["impl"] for r in speed})
@@ -278,17 +344,24 @@ def main(argv=None):
   mode.add_argument("--quick", action="store_true", help="smaller cases, 3 repeats")
   mode.add_argument("--smoke", action="store_true", help="tiny, seconds (CI)")
   parser.add_argument("--out", default="bench-out")
-  parser.add_argument("--cases", nargs="*", help="lstm, online, k2-sweep, memory")
+  parser.add_argument("--cases", nargs="*",
+                      help="lstm, online, k2-sweep, memory, devices")
   parser.add_argument("--repeats", type=int)
   parser.add_argument("--_memprobe", nargs=3, help=argparse.SUPPRESS)
+  parser.add_argument("--_devprobe", nargs=3, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args._devprobe:
+    count, n, reps = (int(v) for v in args._devprobe)
+    print(json.dumps(devices_probe(count, n, reps)))
+    return 0
   if args._memprobe:
     impl, n, chunk = args._memprobe
     print(json.dumps(memory_probe(impl, int(n), int(chunk))))
     return 0
   level = "smoke" if args.smoke else "quick" if args.quick else "full"
   groups = cases(level)
-  wanted = args.cases or list(groups)
+  wanted = args.cases or [g for g in groups
+                          if not (level == "smoke" and g == "devices")]
   unknown = [c for c in wanted if c not in groups]
   if unknown:
     parser.error(f"unknown case(s) {unknown}; choose from {list(groups)}")
@@ -306,6 +379,11 @@ def main(argv=None):
       if group == "memory":
         bar = progress.add_task("memory", total=2 * len(lengths))
         rows += memory_case(lengths, 1000, lambda: progress.advance(bar))
+        continue
+      if group == "devices":
+        bar = progress.add_task("devices", total=3)
+        n_dev = {"smoke": 64, "quick": 256, "full": 1024}[level]
+        rows += devices_case(n_dev, min(repeats, 3), lambda: progress.advance(bar))
         continue
       for case in groups[group]:
         n_impls = len(available(impls_jax.IMPLS + impls_torch.IMPLS, case)[0])

@@ -25,7 +25,7 @@ tree_map = jax.tree_util.tree_map
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("n,k1,k2", CONFIGS)
 def test_matches_reference(n, k1, k2, policy, jit, params):
-  if not jit and (n, k1, k2) not in CONFIGS[:5]:
+  if not jit and (n, k1, k2) not in CONFIGS[2:5]:
     pytest.skip("no-jit runs on a subset to keep the suite short")
   xs, h = data(n), carry0()
   f = jbptt.truncated_loss(step_loss, k1=k1, k2=k2, policy=policy)

@@ -1,0 +1,72 @@
+"""Data parallel over 4 forced host devices: the same params as one device."""
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jbptt.sharding as js
+
+SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import jax, jax.numpy as jnp, numpy as np, optax
+    import jbptt, jbptt.sharding as js
+    assert len(jax.devices()) == 4
+    D, H, B, n = 3, 8, 8, 30
+    k = jax.random.split(jax.random.key(0), 3)
+    params = {"W": 0.5 * jax.random.normal(k[0], (H, H)),
+              "U": jax.random.normal(k[1], (D, H)),
+              "v": jax.random.normal(k[2], (H,))}
+    def step_loss(p, h, x):
+      u, y = x
+      h = jnp.tanh(h @ p["W"] + u @ p["U"])
+      return h, jnp.mean((h @ p["v"] - y) ** 2)
+    xs = (jax.random.normal(k[0], (n, B, D)), jax.random.normal(k[1], (n, B)))
+    h0 = jnp.zeros((B, H))
+    resets = np.zeros((n, B), bool); resets[11, 3] = True
+    mesh = js.batch_mesh()
+    xs_s, r_s = js.shard_batch((xs, resets), mesh, batch_axis=1)
+    h_s, p_s = js.shard_batch(h0, mesh), js.replicate(params, mesh)
+    def close(a, b):
+      for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    for k1, k2 in [(4, 4), (3, 8), (5, 2)]:
+      tr = jbptt.trainer(step_loss, optax.adam(1e-2), k1=k1, k2=k2)
+      one = tr.init(params, h0)
+      one, m1 = tr.update(one, xs, resets)
+      many = tr.init(p_s, h_s)
+      for a, b in [(0, 7), (7, 30)]:  # uneven pieces, still sharded
+        many, m2 = tr.update(many, jax.tree_util.tree_map(lambda v: v[a:b], xs_s),
+                             r_s[a:b])
+      close(one.params, many.params)
+      close(one.carry, many.carry)
+      assert many.params["W"].sharding.is_fully_replicated
+      assert many.carry.sharding.spec == jax.sharding.PartitionSpec("batch")
+      f = jbptt.truncated_loss(step_loss, k1=k1, k2=k2)
+      g1 = jax.grad(lambda p: f(p, h0, xs)[0])(params)
+      g2 = jax.jit(jax.grad(lambda p, h, x: f(p, h, x)[0]))(p_s, h_s, xs_s)
+      close(g1, g2)
+      assert g2["W"].sharding.is_fully_replicated
+    print("ok")
+""")
+
+
+def test_data_parallel_matches_one_device():
+  out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True,
+                       text=True, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip().endswith("ok")
+
+
+def test_shard_batch_errors():
+  mesh = js.batch_mesh(jax.devices()[:1])
+  with pytest.raises(ValueError, match="no batch axis 1"):
+    js.shard_batch(jnp.zeros((3,)), mesh, batch_axis=1)
+  with pytest.raises(ValueError, match="at least one device"):
+    js.batch_mesh([])
+  placed = js.shard_batch({"x": jnp.zeros((5, 2))}, mesh, batch_axis=1)
+  assert placed["x"].shape == (5, 2)
