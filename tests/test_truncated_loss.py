@@ -21,12 +21,7 @@ from conftest import (
 tree_map = jax.tree_util.tree_map
 
 
-@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
-@pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("n,k1,k2", CONFIGS)
-def test_matches_reference(n, k1, k2, policy, jit, params):
-  if not jit and (n, k1, k2) not in CONFIGS[2:5]:
-    pytest.skip("no-jit runs on a subset to keep the suite short")
+def check_against_reference(n, k1, k2, policy, jit, params):
   xs, h = data(n), carry0()
   f = jbptt.truncated_loss(step_loss, k1=k1, k2=k2, policy=policy)
   vg = jax.value_and_grad(f, has_aux=True)
@@ -38,6 +33,18 @@ def test_matches_reference(n, k1, k2, policy, jit, params):
   np.testing.assert_allclose(loss, want_loss, rtol=1e-10)
   assert_trees_close(grad, want_grad)
   assert_trees_close(final, want_final)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("n,k1,k2", CONFIGS)
+def test_matches_reference_jit(n, k1, k2, policy, params):
+  check_against_reference(n, k1, k2, policy, True, params)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("n,k1,k2", CONFIGS[2:5])  # k1 < k2 (two kinds), k1 > k2
+def test_matches_reference_without_jit(n, k1, k2, policy, params):
+  check_against_reference(n, k1, k2, policy, False, params)
 
 
 def full_loss(p, h, xs):
