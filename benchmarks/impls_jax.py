@@ -59,20 +59,19 @@ class Trainer:
     _block(metrics.loss)
 
 
-class TruncatedLoss:
-  """``jbptt.truncated_loss`` on the sequence, then one Adam step."""
-
-  name = "jbptt.truncated_loss"
+class _OneStepPerSequence:
+  """One gradient of ``loss_fn(params, carry, (xs, ys)) -> (loss, carry)``
+  over the whole sequence, then one Adam step."""
 
   def __init__(self, case):
     _, self.params, self.carry, step_loss = setup(case)
-    f = jbptt.truncated_loss(step_loss, k1=case.k1, k2=case.k2)
+    loss_fn = self.loss_fn(step_loss, case)
     opt = optax.adam(LR)
     self.opt_state = opt.init(self.params)
 
     @jax.jit
     def step(params, opt_state, carry, xs, ys):
-      (loss, carry), grads = jax.value_and_grad(f, has_aux=True)(
+      (loss, carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
           params, carry, (xs, ys))
       updates, opt_state = opt.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, carry, loss
@@ -85,34 +84,29 @@ class TruncatedLoss:
     _block(loss)
 
 
-class FullBPTT:
+class TruncatedLoss(_OneStepPerSequence):
+  """``jbptt.truncated_loss`` on the sequence, then one Adam step."""
+
+  name = "jbptt.truncated_loss"
+
+  @staticmethod
+  def loss_fn(step_loss, case):
+    return jbptt.truncated_loss(step_loss, k1=case.k1, k2=case.k2)
+
+
+class FullBPTT(_OneStepPerSequence):
   """Full BPTT: one gradient of the whole sequence, one Adam step."""
 
   name = "full BPTT"
 
-  def __init__(self, case):
-    cell, self.params, self.carry, step_loss = setup(case)
-    opt = optax.adam(LR)
-    self.opt_state = opt.init(self.params)
-
-    def loss_fn(params, carry, xs, ys):
+  @staticmethod
+  def loss_fn(step_loss, case):
+    def loss_fn(params, carry, xs):
       carry, losses = jax.lax.scan(
-          lambda h, x: step_loss(params, h, x), carry, (xs, ys))
+          lambda h, x: step_loss(params, h, x), carry, xs)
       return jnp.mean(losses), carry
 
-    @jax.jit
-    def step(params, opt_state, carry, xs, ys):
-      (loss, carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, carry, xs, ys)
-      updates, opt_state = opt.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, carry, loss
-
-    self.step = step
-
-  def run(self, xs, ys):
-    self.params, self.opt_state, self.carry, loss = self.step(
-        self.params, self.opt_state, self.carry, xs, ys)
-    _block(loss)
+    return loss_fn
 
 
 class ScanReference:
