@@ -162,3 +162,20 @@ def test_learns_a_delay(params):
   state, m = tr.update(state, (u, y))
   assert float(m.loss[1:5].mean()) > 0.5  # chance: the target's variance
   assert float(m.loss[-50:].mean()) < 0.1
+
+
+@pytest.mark.parametrize("k1,k2", [(3, 7), (4, 2)])
+def test_init_with_xs_allocates_history(k1, k2, params):
+  xs, h = data(13), carry0()
+  resets = np.zeros((13, 2), bool)
+  resets[5, 1] = True
+  tr = jbptt.trainer(step_loss, optax.adam(0.05), k1=k1, k2=k2)
+  lazy, _ = tr.update(tr.init(params, h), xs, resets)
+  early = tr.init(params, h, xs, resets)
+  assert early.history is not None
+  assert jax.tree_util.tree_structure(early) == jax.tree_util.tree_structure(lazy)
+  early, _ = tr.update(early, xs, resets)
+  assert_trees_close(early.params, lazy.params)
+  assert_trees_close(early.carry, lazy.carry)
+  with pytest.raises(ValueError, match="resets given without xs"):
+    tr.init(params, h, resets=resets)

@@ -45,8 +45,8 @@ class TrainState(NamedTuple):
     step: how many stream steps have been fed (int32).
     num_skipped: how many updates were skipped for a non-finite loss or
       gradient (int32).
-    history: the buffers of the pending window, allocated by the first
-      ``update`` (``None`` before it).
+    history: the buffers of the pending window, allocated by ``init`` when
+      it is given ``xs``, else by the first ``update`` (``None`` before).
   """
 
   params: Any
@@ -133,12 +133,16 @@ def trainer(
     policy: ``"new"`` (default), ``"window"`` or ``"last"``.
 
   Returns:
-    A :class:`Trainer` with ``init(params, carry) -> TrainState`` and
-    ``update(state, xs, resets=None) -> (TrainState, Metrics)``. ``resets``
-    is an optional boolean ``(len(xs),) + S`` mask (``S`` a leading prefix of
-    the carry leaves' shapes): where it is true the carry is replaced by the
-    initial carry before the step and no gradient crosses the boundary.
-    The first ``update`` allocates the history buffers from its ``xs``.
+    A :class:`Trainer` with ``init(params, carry, xs=None, resets=None) ->
+    TrainState`` and ``update(state, xs, resets=None) -> (TrainState,
+    Metrics)``. ``resets`` is an optional boolean ``(len(xs),) + S`` mask
+    (``S`` a leading prefix of the carry leaves' shapes): where it is true the
+    carry is replaced by the initial carry before the step and no gradient
+    crosses the boundary. The history buffers are allocated by ``init`` when
+    it is given a chunk of the stream ``xs`` (and ``resets``, if the stream
+    has them; only their shapes and first step are used), otherwise by the
+    first ``update``. A state with its buffers allocated is the template that
+    :func:`jbptt.checkpoint.restore` needs.
 
   Examples:
     >>> import jax.numpy as jnp, optax, jbptt
@@ -171,9 +175,9 @@ def trainer(
   taus = [tau for tau, _ in semantics.injected(length, length - k1, k2, policy)]
   inject = tl.inject_mask(0, length, taus)
 
-  def init(params, carry) -> TrainState:
+  def init(params, carry, xs=None, resets=None) -> TrainState:
     carry = checks.as_arrays(carry)
-    return TrainState(
+    state = TrainState(
         params=params,
         opt_state=optimizer.init(params),
         carry=carry,
@@ -182,6 +186,11 @@ def trainer(
         num_skipped=jnp.zeros((), jnp.int32),
         history=None,
     )
+    if xs is None:
+      if resets is not None:
+        raise ValueError("init: resets given without xs.")
+      return state
+    return allocate(state, xs, resets)
 
   def new_history(state, xs, reset_shape):
     pad = length - 1
@@ -317,11 +326,14 @@ def trainer(
 
   jitted = jax.jit(_update)
 
+  def allocate(state, xs, resets):
+    checks.time_length(xs)
+    shape = () if resets is None else jnp.shape(resets)[1:]
+    return state._replace(history=new_history(state, xs, shape))
+
   def update(state: TrainState, xs, resets=None):
     if state.history is None:  # allocate outside the jitted program
-      checks.time_length(xs)
-      shape = () if resets is None else jnp.shape(resets)[1:]
-      state = state._replace(history=new_history(state, xs, shape))
+      state = allocate(state, xs, resets)
     return jitted(state, xs, resets)
 
   return Trainer(init=init, update=update)
