@@ -1,8 +1,9 @@
 """The ``jbptt`` command: ``compare``, ``train`` and ``schedule``.
 
 Bad input (k1 or k2 <= 0, an unknown task, an unusable data file, an --out
-that cannot be written) exits with status 2 and one line on stderr; outputs
-are written to a temporary folder and moved in place only when complete.
+that cannot be written, a checkpoint that cannot be resumed) exits with
+status 2 and one line on stderr; outputs are written to a temporary folder and
+moved in place only when complete, checkpoints atomically (orbax).
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def _table(results, title):
   return table
 
 
-def _train_all(task, configs, args, console):
+def _progress(console):
   from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -182,20 +183,25 @@ def _train_all(task, configs, args, console):
     TimeElapsedColumn,
   )
 
+  return Progress(TextColumn("{task.description:<28}"), BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                  transient=False)
+
+
+def _run(progress, task, config, args, **kwargs):
   from jbptt import experiment
 
-  results = []
-  with Progress(TextColumn("{task.description:<28}"), BarColumn(),
-                MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                transient=False) as progress:
-    for config in configs:
-      bar = progress.add_task(f"TBPTT{config.label}" if config.label[0] == "("
-                              else config.label, total=args.steps)
-      results.append(experiment.run(
-          task, config, steps=args.steps, batch=args.batch, hidden=args.hidden,
-          lr=args.lr, cell=args.cell, seed=args.seed,
-          on_progress=lambda k, bar=bar: progress.advance(bar, k)))
-  return results
+  bar = progress.add_task(f"TBPTT{config.label}" if config.label[0] == "("
+                          else config.label, total=args.steps)
+  return experiment.run(
+      task, config, steps=args.steps, batch=args.batch, hidden=args.hidden,
+      lr=args.lr, cell=args.cell, seed=args.seed,
+      on_progress=lambda k: progress.advance(bar, k), **kwargs)
+
+
+def _train_all(task, configs, args, console):
+  with _progress(console) as progress:
+    return [_run(progress, task, config, args) for config in configs]
 
 
 def _write(results, task, out, extra=None):
@@ -242,26 +248,102 @@ def cmd_compare(args) -> int:
   return 0
 
 
+# The settings of a `train` run, saved with its checkpoints; `--resume` reads
+# them back. Options left out on the command line take these defaults.
+TRAIN_DEFAULTS = {"task": None, "data": None, "k1": None, "k2": None,
+                  "policy": "new", "steps": 6000, "seed": 0, "batch": 32,
+                  "hidden": 64, "lr": 1e-2, "cell": "lstm"}
+CHECKPOINTS = "checkpoints"
+
+
+def _settings(args, saved=None) -> dict:
+  """The run's settings: the saved ones, else the given ones or defaults."""
+  given = {k: getattr(args, k) for k in TRAIN_DEFAULTS
+           if getattr(args, k) is not None}
+  if given.get("data") is not None:
+    given["data"] = str(pathlib.Path(given["data"]).absolute())
+  if saved is None:
+    if given.get("task") is None and given.get("data") is None:
+      raise UsageError("one of --task or --data is required (or --resume DIR)")
+    for k in ("k1", "k2"):
+      if k not in given:
+        raise UsageError(f"--{k} is required (or --resume DIR)")
+    return {**TRAIN_DEFAULTS, **given}
+  differ = [f"--{k} {v} (the run has {saved.get(k)})" for k, v in given.items()
+            if saved.get(k) != v]
+  if differ:
+    raise UsageError("--resume continues a run with its own settings; these "
+                     "differ: " + ", ".join(differ))
+  return dict(saved)
+
+
+def _resume_point(root: pathlib.Path):
+  """The settings and newest checkpoint step of the run saved in ``root``."""
+  from jbptt import checkpoint
+
+  ckpts = root / CHECKPOINTS
+  try:
+    step = checkpoint.latest_step(ckpts)
+    if step is None:
+      raise UsageError(f"--resume {str(root)!r}: no checkpoint in {ckpts}")
+    info = checkpoint.read_info(ckpts, step=step)
+  except checkpoint.CheckpointError as e:
+    raise UsageError(f"--resume {str(root)!r}: {e}") from e
+  if not isinstance(info, dict) or set(info) != {"run", "progress"} or set(
+      info["run"]) != set(TRAIN_DEFAULTS):
+    raise UsageError(f"--resume {str(root)!r}: the checkpoint at step {step} "
+                     "was not written by `jbptt train`")
+  return step, info
+
+
 def cmd_train(args) -> int:
+  from jbptt import checkpoint, experiment
+
+  saved = None
+  if args.resume is not None:
+    if args.out is not None and pathlib.Path(args.out).absolute() != pathlib.Path(
+        args.resume).absolute():
+      raise UsageError("--resume writes into the run's own folder; leave out "
+                       "--out")
+    step, saved = _resume_point(pathlib.Path(args.resume))
+    args.out = args.resume
+  settings = _settings(args, None if saved is None else saved["run"])
+  vars(args).update(settings)
+  if args.out is None:
+    args.out = "jbptt-out"
   task = _task(args)
   out = _prepare_out(args.out)
-  from flax import serialization
-
-  from jbptt import experiment
-
+  ckpts = out / CHECKPOINTS
   config = experiment.Config(f"TBPTT({args.k1}, {args.k2})", args.k1, args.k2,
                              args.policy)
+  resume = None
+  if saved is not None:
+    like = experiment.template(task, config, batch=args.batch,
+                               hidden=args.hidden, lr=args.lr, cell=args.cell,
+                               seed=args.seed)
+    try:
+      state = checkpoint.restore(ckpts, like, step=step)
+    except checkpoint.CheckpointError as e:
+      raise UsageError(f"--resume {args.resume!r}: {e}") from e
+    resume = (state, saved["progress"])
+  elif checkpoint.latest_step(ckpts) is not None:
+    raise UsageError(f"--out {args.out!r} holds the checkpoints of another "
+                     f"run; continue it with --resume {args.out}, or choose "
+                     "another --out")
+
+  def save(state, progress):
+    if int(state.step) > (0 if saved is None else step):
+      checkpoint.save(ckpts, state, info={"run": settings, "progress": progress})
+
   console = _console()
-  (result,) = _train_all(task, [config], args, console)
+  if saved is not None:
+    console.print(f"resuming {out} at step {step} of {args.steps}")
+  with _progress(console) as progress:
+    result = _run(progress, task, config, args, resume=resume, on_chunk=save)
   console.print(_table([result], f"{task.description}, {args.steps} steps"))
-
-  def save_checkpoint(staging):
-    (staging / "checkpoint.msgpack").write_bytes(
-        serialization.to_bytes(result.state._replace(history=None)))
-
-  _write([result], task, out, save_checkpoint)
+  _write([result], task, out)
   console.print(f"wrote {out / 'results.json'}, {out / 'curves.png'} and "
-                f"{out / 'checkpoint.msgpack'}")
+                f"{ckpts / str(int(result.state.step))}")
   return 0
 
 
@@ -269,32 +351,42 @@ def parser() -> argparse.ArgumentParser:
   p = _Parser(prog="jbptt", description="Truncated BPTT, TBPTT(k1, k2), in JAX.")
   sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-  def common(q, steps):
-    q.add_argument("--out", default="jbptt-out", help="output folder")
-    q.add_argument("--steps", type=_positive("--steps"), default=steps,
-                   help="stream steps per run")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--batch", type=_positive("--batch"), default=32,
-                   help="parallel streams")
-    q.add_argument("--hidden", type=_positive("--hidden"), default=64)
-    q.add_argument("--lr", type=_positive_float, default=1e-2,
-                   help="Adam learning rate (gradients clipped at norm 1)")
+  def common(q, steps, fill=True):
+    # With fill=False, options left out stay None (`train` fills them in).
+    d = lambda value: value if fill else None
+    q.add_argument("--out", default=d("jbptt-out"),
+                   help="output folder (default: jbptt-out)")
+    q.add_argument("--steps", type=_positive("--steps"), default=d(steps),
+                   help=f"stream steps per run (default: {steps})")
+    q.add_argument("--seed", type=int, default=d(0), help="(default: 0)")
+    q.add_argument("--batch", type=_positive("--batch"), default=d(32),
+                   help="parallel streams (default: 32)")
+    q.add_argument("--hidden", type=_positive("--hidden"), default=d(64),
+                   help="(default: 64)")
+    q.add_argument("--lr", type=_positive_float, default=d(1e-2),
+                   help="Adam learning rate, gradients clipped at norm 1 "
+                   "(default: 0.01)")
     q.add_argument("--cell", choices=["lstm", "gru", "mgu", "simple"],
-                   default="lstm")
+                   default=d("lstm"), help="(default: lstm)")
 
   q = sub.add_parser("compare", help="the canonical configurations side by side")
   q.add_argument("--task", default="recall", help="recall, adding or mackey-glass")
   common(q, 12000)
   q.set_defaults(run=cmd_compare)
 
-  q = sub.add_parser("train", help="one TBPTT(k1, k2) run")
-  src = q.add_mutually_exclusive_group(required=True)
+  q = sub.add_parser("train", help="one TBPTT(k1, k2) run, checkpointed; "
+                     "--resume DIR continues an interrupted one")
+  src = q.add_mutually_exclusive_group()
   src.add_argument("--task", help="recall, adding or mackey-glass")
   src.add_argument("--data", help="a UTF-8 text file, or a .csv / .npy series")
-  q.add_argument("--k1", type=_positive("--k1"), required=True)
-  q.add_argument("--k2", type=_positive("--k2"), required=True)
-  q.add_argument("--policy", choices=semantics.POLICIES, default="new")
-  common(q, 6000)
+  q.add_argument("--k1", type=_positive("--k1"))
+  q.add_argument("--k2", type=_positive("--k2"))
+  q.add_argument("--policy", choices=semantics.POLICIES,
+                 help="(default: new)")
+  q.add_argument("--resume", metavar="DIR",
+                 help="continue the run whose --out was DIR from its newest "
+                 "checkpoint, with its settings, to its --steps")
+  common(q, 6000, fill=False)
   q.set_defaults(run=cmd_train)
 
   q = sub.add_parser("schedule", help="draw the TBPTT(k1, k2) schedule")
@@ -306,15 +398,37 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+def _quiet_closed_loop(hook):
+  """An unraisable-exception hook that drops tensorstore's late callbacks.
+
+  When orbax fails to read a damaged checkpoint, tensorstore reads still in
+  flight complete after orbax's event loop has closed and report
+  ``RuntimeError('Event loop is closed')``; the command has already said what
+  is wrong, so these are not shown.
+  """
+
+  def quiet(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      hook(unraisable)
+
+  return quiet
+
+
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
+  sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
   try:
     return args.run(args)
   except UsageError as e:
     print(f"jbptt {args.command}: error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
-    print(f"jbptt {args.command}: interrupted; nothing written", file=sys.stderr)
+    saved = args.command == "train" and args.out and (
+        pathlib.Path(args.out) / CHECKPOINTS).is_dir()
+    print(f"jbptt {args.command}: interrupted; " + (
+        f"continue with: jbptt train --resume {args.out}" if saved
+        else "nothing written"), file=sys.stderr)
     return 130
 
 

@@ -159,6 +159,23 @@ def evaluate(task: Task, model, params, config: Config, batch: int, seed: int,
   return loss, accuracy
 
 
+def _trainer(task: Task, model, config: Config, lr: float):
+  step_loss = jbptt.cell_loss(jf.linen_cell(model), _loss_fn(task))
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
+  return jbptt.trainer(step_loss, optimizer, k1=config.k1, k2=config.k2,
+                       policy=config.policy)
+
+
+def template(task: Task, config: Config, *, batch: int = 32, hidden: int = 64,
+             lr: float = 1e-2, cell: str = "lstm", seed: int = 0):
+  """A ``TrainState`` of the run's structure: the template of a restore."""
+  model, params, carry = build(task, cell, hidden, batch, seed)
+  inputs, targets = task.sample(seed + 1, 1, batch)
+  resets = _resets(0, 1, config.seq_len, batch)
+  xs = (jnp.asarray(inputs), jnp.asarray(targets))
+  return _trainer(task, model, config, lr).init(params, carry, xs, resets)
+
+
 def run(
     task: Task,
     config: Config,
@@ -170,31 +187,52 @@ def run(
     cell: str = "lstm",
     seed: int = 0,
     on_progress: Callable[[int], None] | None = None,
+    resume: tuple[Any, dict] | None = None,
+    on_chunk: Callable[[Any, dict], None] | None = None,
 ) -> Result:
-  """Trains one configuration online on ``steps`` steps of ``batch`` streams."""
+  """Trains one configuration online on ``steps`` steps of ``batch`` streams.
+
+  The stream is fed in about 25 chunks (multiples of ``k1``).
+  ``on_chunk(state, progress)`` is called after each (``progress``: a
+  JSON-able dict of the updates, training seconds and learning curve so
+  far); ``resume=(state, progress)`` continues a run from such a point, and
+  gives the params an uninterrupted run would have.
+  """
   model, params, carry = build(task, cell, hidden, batch, seed)
-  step_loss = jbptt.cell_loss(jf.linen_cell(model), _loss_fn(task))
-  optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
-  tr = jbptt.trainer(step_loss, optimizer, k1=config.k1, k2=config.k2,
-                     policy=config.policy)
+  tr = _trainer(task, model, config, lr)
   inputs, targets = task.sample(seed + 1, steps, batch)
-  state = tr.init(params, carry)
+  if resume is None:
+    state, progress = tr.init(params, carry), {
+        "updates": 0, "wall_s": 0.0, "curve_step": [], "curve_loss": []}
+  else:
+    state, progress = resume
+    progress = {k: list(v) if isinstance(v, list) else v
+                for k, v in progress.items()}
   chunk = _chunk_len(steps, config)
-  curve_step, curve_loss, updates = [], [], 0
-  start = time.perf_counter()
-  for a in range(0, steps, chunk):
+  begin = int(state.step)
+  if begin % chunk or begin > steps:
+    raise ValueError(f"cannot resume at step {begin}: not a chunk boundary "
+                     f"(chunks of {chunk}) within {steps} steps.")
+  if on_progress is not None and begin:
+    on_progress(begin)
+  for a in range(begin, steps, chunk):
+    start = time.perf_counter()
     b = min(steps, a + chunk)
     xs = (jnp.asarray(inputs[a:b]), jnp.asarray(targets[a:b]))
     state, metrics = tr.update(state, xs, _resets(a, b - a, config.seq_len, batch))
     valid = np.asarray(metrics.valid)
     losses = np.asarray(metrics.loss)[valid]
     first_end = (a // config.k1 + 1) * config.k1
-    curve_step += [first_end + i * config.k1 for i in range(len(losses))]
-    curve_loss += [float(v) for v in losses]
-    updates += int(valid.sum())
+    progress["curve_step"] += [first_end + i * config.k1 for i in range(len(losses))]
+    progress["curve_loss"] += [float(v) for v in losses]
+    progress["updates"] += int(valid.sum())
+    progress["wall_s"] += time.perf_counter() - start
+    if on_chunk is not None:
+      on_chunk(state, progress)
     if on_progress is not None:
       on_progress(b - a)
-  wall = time.perf_counter() - start
+  wall = max(progress["wall_s"], 1e-9)
   loss, accuracy = evaluate(task, model, state.params, config, batch, seed + 2)
-  return Result(config.label, config.k1, config.k2, updates, wall, steps / wall,
-                loss, accuracy, curve_step, curve_loss, state)
+  return Result(config.label, config.k1, config.k2, progress["updates"], wall,
+                steps / wall, loss, accuracy, progress["curve_step"],
+                progress["curve_loss"], state)

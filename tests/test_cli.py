@@ -2,14 +2,16 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 import jbptt
-from jbptt import cli, tasks
+from jbptt import checkpoint, cli, experiment, tasks
 
 
 def jbptt_cmd(*args, timeout=600):
@@ -46,12 +48,71 @@ def test_train_task_and_checkpoint(tmp_path):
   (row,) = json.loads((out / "results.json").read_text())
   assert (row["k1"], row["k2"], row["updates"]) == (4, 8, 16)
   assert row["final_accuracy"] is None
-  from flax import serialization
-
-  saved = serialization.msgpack_restore((out / "checkpoint.msgpack").read_bytes())
-  assert {"params", "opt_state", "carry", "step"} <= set(saved)
-  assert int(saved["step"]) == 64
   assert (out / "curves.png").exists()
+  ckpts = out / "checkpoints"
+  assert checkpoint.latest_step(ckpts) == 64
+  info = checkpoint.read_info(ckpts)
+  assert info["run"]["k1"] == 4 and info["run"]["cell"] == "gru"
+  assert len(info["progress"]["curve_loss"]) == 16
+  # Starting another run over these checkpoints is refused, nothing lost.
+  r = jbptt_cmd("train", "--task", "recall", "--k1", "2", "--k2", "2",
+                "--out", str(out), *TINY)
+  assert r.returncode == 2 and "--resume" in r.stderr
+  assert checkpoint.latest_step(ckpts) == 64
+
+
+def _state(out, step):
+  info = checkpoint.read_info(out / "checkpoints", step=step)["run"]
+  task = tasks.get(info["task"], info["data"])
+  config = experiment.Config("", info["k1"], info["k2"], info["policy"])
+  like = experiment.template(task, config, batch=info["batch"],
+                             hidden=info["hidden"], lr=info["lr"],
+                             cell=info["cell"], seed=info["seed"])
+  return checkpoint.restore(out / "checkpoints", like, step=step)
+
+
+def test_resume_continues_exactly(tmp_path):
+  out = tmp_path / "run"
+  r = jbptt_cmd("train", "--task", "recall", "--k1", "3", "--k2", "8",
+                "--out", str(out), *TINY)
+  assert r.returncode == 0, r.stderr
+  (whole,) = json.loads((out / "results.json").read_text())
+  done = _state(out, 64)
+  steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir())
+  assert steps[-1] == 64 and len(steps) == 2
+  # An interruption after the second-to-last chunk: its checkpoint is newest.
+  shutil.rmtree(out / "checkpoints" / "64")
+  (out / "results.json").unlink()
+  r = jbptt_cmd("train", "--resume", str(out), "--steps", "64")
+  assert r.returncode == 0, r.stderr
+  assert f"resuming {out} at step {steps[0]} of 64" in r.stdout.replace("\n", "")
+  for a, b in zip(jax.tree_util.tree_leaves(_state(out, 64)),
+                  jax.tree_util.tree_leaves(done)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  (resumed,) = json.loads((out / "results.json").read_text())
+  assert resumed["updates"] == whole["updates"] == 21
+  assert resumed["final_loss"] == whole["final_loss"]
+
+
+def test_resume_errors(tmp_path):
+  r = jbptt_cmd("train", "--resume", str(tmp_path / "none"), timeout=120)
+  assert r.returncode == 2 and "no checkpoint in" in r.stderr
+  out = tmp_path / "run"
+  r = jbptt_cmd("train", "--task", "recall", "--k1", "8", "--k2", "8",
+                "--out", str(out), *TINY)
+  assert r.returncode == 0, r.stderr
+  r = jbptt_cmd("train", "--resume", str(out), "--k2", "4", "--hidden", "8",
+                timeout=120)
+  assert r.returncode == 2
+  assert "these differ: --k2 4 (the run has 8)" in r.stderr
+  r = jbptt_cmd("train", "--resume", str(out), "--out", str(tmp_path / "x"),
+                timeout=120)
+  assert r.returncode == 2 and "leave out --out" in r.stderr
+  data = next((out / "checkpoints" / "64" / "state").rglob("d/*"))
+  data.write_bytes(b"")  # a damaged checkpoint: refused, with the reason
+  r = jbptt_cmd("train", "--resume", str(out), timeout=120)
+  assert r.returncode == 2 and "is corrupt or incomplete" in r.stderr
+  assert "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("kind", ["text", "csv", "npy"])
@@ -102,6 +163,8 @@ def test_diagram_k1_greater_than_k2():
     (["schedule", "--n", "5", "--k1", "0", "--k2", "1"], "--k1 must be >= 1"),
     (["schedule", "--n", "500", "--k1", "2", "--k2", "2"], "too long to draw"),
     (["compare", "--steps", "0"], "--steps must be >= 1"),
+    (["train", "--k1", "2", "--k2", "2"], "one of --task or --data is required"),
+    (["train", "--task", "recall", "--k2", "2"], "--k1 is required"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message):
   r = jbptt_cmd(*args, timeout=120)

@@ -51,6 +51,14 @@ SCRIPT = textwrap.dedent("""
       g2 = jax.jit(jax.grad(lambda p, h, x: f(p, h, x)[0]))(p_s, h_s, xs_s)
       close(g1, g2)
       assert g2["W"].sharding.is_fully_replicated
+    # A sharded state saved mid-stream comes back with its shardings.
+    import tempfile, jbptt.checkpoint as jc
+    root = tempfile.mkdtemp()
+    jc.save(root, many)
+    back = jc.restore(root, tr.init(p_s, h_s, xs_s, r_s))
+    close(back, many)
+    assert back.carry.sharding.spec == jax.sharding.PartitionSpec("batch")
+    assert back.params["W"].sharding.is_fully_replicated
     print("ok")
 """)
 
