@@ -51,6 +51,7 @@ References:
 from __future__ import annotations
 
 import hashlib
+import json
 import pathlib
 from typing import Any
 
@@ -131,10 +132,15 @@ def save(directory, state: TrainState, *, info: dict | None = None,
   Raises:
     CheckpointError: if ``directory`` already has a checkpoint at this step.
     TypeError: if ``state`` is not a ``TrainState``.
+    ValueError: for a bad ``keep`` or an ``info`` that is not JSON-able.
   """
   if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int)
                            or keep < 1):
     raise ValueError(f"keep must be a positive int or None, got {keep!r}.")
+  try:
+    json.dumps(info, allow_nan=False)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"info must be a JSON-able dict or None: {e}.") from e
   ocp = _ocp()
   paths, leaves, _ = _leaves(state)
   step = int(state.step)

@@ -94,6 +94,9 @@ def test_keep_and_same_step(saved):
     jc.restore(root, like, step=8)
   with pytest.raises(ValueError, match="keep must be a positive int"):
     jc.save(root, state, keep=0)
+  with pytest.raises(ValueError, match="info must be a JSON-able dict"):
+    jc.save(root / "other", state, info={"f": object()})
+  assert not (root / "other").exists() or not any((root / "other").iterdir())
 
 
 def test_interrupted_write_is_ignored(saved):
