@@ -123,3 +123,25 @@ def train(step_loss, optimizer, params, carry, xs, k1, k2, policy="new",
       params = optax.apply_updates(params, updates)
       losses.append(total / count)
   return params, losses, hs[n]
+
+
+def truncated_grad_xs(step_loss, params, carry, xs, k1, k2, policy="new"):
+  """The gradient of truncated_loss's loss with respect to (float) xs."""
+  n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+  hs = forward_states(step_loss, params, carry, xs)
+  ends = list(range(k1, n + 1, k1))
+  if n % k1:
+    ends.append(n)
+  grad, count, t_prev = tree_map(jnp.zeros_like, xs), 0, 0
+  for t in ends:
+    for tau, s in injected(t, t_prev, k2, policy):
+      def loss_tau(piece, s=s):
+        h = jax.lax.stop_gradient(hs[s])
+        for j in range(tau - s):
+          h, loss = step_loss(params, h, _x(piece, j))
+        return loss
+      g = jax.grad(loss_tau)(tree_map(lambda a, s=s, tau=tau: a[s:tau], xs))
+      grad = tree_map(lambda a, b, s=s, tau=tau: a.at[s:tau].add(b), grad, g)
+      count += 1
+    t_prev = t
+  return tree_map(lambda g: g / count, grad)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jbptt._src import checks, segment, semantics
+from jbptt._src import adjoint, checks, options, segment, semantics
 
 tree_map = jax.tree_util.tree_map
 
@@ -66,45 +66,69 @@ def _chunked(step_loss, params, carry, xs, resets, h0, n, k1, k2, policy):
   return total, count, h
 
 
-def _windowed(step_loss, params, carry, xs, resets, h0, n, k1, k2, policy):
-  """k1 < k2: overlapping windows, re-run in parallel from one forward pass."""
-  _, hs = segment.forward(step_loss, params, carry, xs, resets, h0)
-  states = tree_map(lambda a, b: jnp.concatenate([a[None], b]), carry, hs)
-  q = n // k1
-  total, count = 0.0, 0
-  if q:
-    ends = k1 * np.arange(1, q + 1)
-    idx = ends[:, None] - k2 + np.arange(k2)[None, :]  # 0-based step indices
-    valid = idx >= 0
-    idx = np.maximum(idx, 0)
-    taus = [tau for tau, _ in semantics.injected(k2, k2 - k1, k2, policy)]
-    inject = inject_mask(0, k2, taus)  # same relative layout in every window
-    rs = None if resets is None else resets[idx]
+def overlap_windows(n: int, k1: int, k2: int, policy: str):
+  """The windows ``(s, t, taus)`` of TBPTT(k1 < k2): each update's truncation
+  state ``s``, end ``t`` and injected steps (one ``s`` per update)."""
+  windows = []
+  for update in semantics.schedule(n, k1, k2, policy):
+    s = max(0, update.t - k2)
+    assert all(s_tau == s for _, s_tau in update.injected)
+    windows.append((s, update.t, tuple(tau for tau, _ in update.injected)))
+  return windows
 
-    def window(h, xw, rw, vw):
-      return segment.segment_loss(
-          step_loss, params, h, xw, rw, vw, h0, n_own=0, inject=inject
-      )[0]
 
-    starts = _take(states, np.maximum(ends - k2, 0))
-    sums = jax.vmap(window)(starts, _take(xs, idx), rs, jnp.asarray(valid))
-    total = jnp.sum(sums)
-    count = int(np.sum(valid & inject[None, :]))
-  if n % k1:
-    t_prev = q * k1
-    start = max(0, n - k2)
-    taus = [tau for tau, _ in semantics.injected(n, t_prev, k2, policy)]
-    rs = None if resets is None else resets[start:]
-    loss_sum, _ = segment.segment_loss(
-        step_loss, params, _take(states, start), _take(xs, slice(start, n)),
-        rs, None, h0, n_own=0, inject=inject_mask(start, n - start, taus),
+def _overlapping(step_loss, params, carry, xs, resets, h0, n, k1, k2, policy,
+                 sequential):
+  """k1 < k2: one forward pass, then every window's adjoint in one pass.
+
+  With fixed params all overlapping windows run through the same states, so
+  the forward pass is shared and the reverse pass carries the adjoints of
+  the windows active at each step as one batch (:mod:`jbptt._src.adjoint`).
+  """
+  tables = adjoint.window_tables(n, overlap_windows(n, k1, k2, policy))
+  weights = tables.seed.sum(1)
+
+  def step(p, h, x, r, h0):
+    return segment.masked_step(step_loss, p, h, x, r, None, h0)
+
+  def run(params, carry, xs, resets, h0):
+    def body(h, inp):
+      h, loss = step(params, h, *inp, h0)
+      return h, (h, loss)
+
+    h, (hs, losses) = lax.scan(body, carry, (xs, resets))
+    total = jnp.sum(losses * jnp.asarray(weights, losses.dtype))
+    return (total, h), hs
+
+  @jax.custom_vjp
+  def total_loss(params, carry, xs, resets, h0):
+    return run(params, carry, xs, resets, h0)[0]
+
+  def fwd(params, carry, xs, resets, h0):
+    out, hs = run(params, carry, xs, resets, h0)
+    return out, (params, carry, xs, resets, h0, hs)
+
+  def bwd(res, cts):
+    params, carry, xs, resets, h0, hs = res
+    g = cts[0]
+    hs_prev = tree_map(
+        lambda a, b: jnp.concatenate([a[None], b[:-1]]), carry, hs
     )
-    total = total + loss_sum
-    count += len(taus)
-  return total, count, _take(states, n)
+    d_params, d_xs, _ = adjoint.backprop(
+        lambda p, h, x, r: step(p, h, x, r, h0), params, hs_prev, xs, resets,
+        jnp.asarray(tables.keep), jnp.asarray(tables.seed, g.dtype) * g,
+        sequential=sequential,
+    )
+    return d_params, None, d_xs, None, None
+
+  total_loss.defvjp(fwd, bwd)
+  total, final = total_loss(params, carry, xs, resets, h0)
+  return total, tables.count, final
 
 
-def truncated_loss(step_loss, *, k1: int, k2: int, policy: str = "new"):
+def truncated_loss(
+    step_loss, *, k1: int, k2: int, policy: str = "new", remat=None
+):
   """The TBPTT(k1, k2) loss of a whole sequence with fixed parameters.
 
   As ``jax.lax.scan`` of ``step_loss`` over ``xs``, but the gradient is the
@@ -114,9 +138,15 @@ def truncated_loss(step_loss, *, k1: int, k2: int, policy: str = "new"):
   the exact contract and a reference loop).
 
   For ``k1 >= k2`` this is one scan with ``stop_gradient`` at the right
-  steps: it costs what full BPTT costs. For ``k1 < k2`` the overlapping
-  windows are re-run in parallel (``vmap``) from the states of one forward
-  pass.
+  steps: it costs what full BPTT costs. For ``k1 < k2`` the params are fixed,
+  so all overlapping windows run through the same states: one forward pass
+  stores them, and one reverse pass carries the adjoints of the (at most
+  ``ceil(k2 / k1) + 1``) windows active at each step together as a batch,
+  dropping each at its truncation state; every step is linearised once (all
+  steps at once, in parallel) and the params and ``xs`` cotangents are taken
+  once from the sum of the windows' adjoints (:mod:`jbptt._src.adjoint`).
+  That path is a ``jax.custom_vjp``: reverse mode only (``jax.grad``,
+  ``jax.vjp``), no forward mode (``jax.jvp``).
 
   Args:
     step_loss: ``step_loss(params, carry, x) -> (carry, loss)`` with a scalar
@@ -126,6 +156,14 @@ def truncated_loss(step_loss, *, k1: int, k2: int, policy: str = "new"):
     policy: which losses an update injects: ``"new"`` (those of its own
       ``k1`` steps, the default), ``"window"`` (all of its last ``k2``) or
       ``"last"`` (only the loss at its end; sequence-to-one).
+    remat: ``None`` (the default) or a ``jax.checkpoint`` policy, e.g.
+      ``jax.checkpoint_policies.nothing_saveable``, to trade compute for
+      memory: for ``k1 >= k2`` every step is wrapped in
+      ``jax.checkpoint(step_loss, policy=remat)`` (the backward pass keeps
+      what the policy saves, e.g. only the carries, and recomputes the
+      rest); for ``k1 < k2`` each step is linearised inside the reverse pass
+      instead of all at once before it (memory: the states only). Values and
+      gradients are the same.
 
   Returns:
     ``f(params, carry, xs, *, resets=None, initial_carry=None) ->
@@ -137,10 +175,11 @@ def truncated_loss(step_loss, *, k1: int, k2: int, policy: str = "new"):
     prefix of the carry leaves' shapes, e.g. ``(batch,)``): where it is true
     the carry is replaced by ``initial_carry`` (default: ``carry``) before
     the step, and no gradient crosses that boundary. ``carry`` and
-    ``initial_carry`` receive no gradient (they are held constant).
+    ``initial_carry`` receive no gradient (they are held constant); float
+    ``xs`` do, integer ``xs`` get ``float0`` cotangents.
 
   Raises:
-    ValueError: for a bad ``k1``, ``k2`` or ``policy`` (at once), or ``xs``
+    ValueError: for a bad ``k1``, ``k2``, ``policy`` or ``remat`` (at once), or ``xs``
       leaves with different time lengths or bad ``resets`` (at trace time).
     TypeError: (at trace time) if ``step_loss`` changes the carry or returns
       a non-scalar loss.
@@ -159,6 +198,7 @@ def truncated_loss(step_loss, *, k1: int, k2: int, policy: str = "new"):
     Training of Recurrent Network Trajectories, Neural Computation, 1990.
   """
   k1, k2, policy = semantics.check_config(k1, k2, policy)
+  remat = options.check_remat(remat)
 
   def loss_fn(params, carry, xs, *, resets=None, initial_carry=None):
     n = checks.time_length(xs)
@@ -175,10 +215,16 @@ def truncated_loss(step_loss, *, k1: int, k2: int, policy: str = "new"):
       )
     if resets is not None:
       resets = checks.check_resets(resets, n, carry)
-    impl = _chunked if k1 >= k2 else _windowed
-    total, count, final = impl(
-        step_loss, params, carry, xs, resets, h0, n, k1, k2, policy
-    )
+    if k1 >= k2:
+      total, count, final = _chunked(
+          options.rematted(step_loss, remat), params, carry, xs, resets, h0,
+          n, k1, k2, policy,
+      )
+    else:
+      total, count, final = _overlapping(
+          step_loss, params, carry, xs, resets, h0, n, k1, k2, policy,
+          sequential=remat is not None,
+      )
     return total / count, lax.stop_gradient(final)
 
   return loss_fn

@@ -1,0 +1,229 @@
+"""Shared-forward adjoints: many truncated windows backpropagated in one pass.
+
+When the states a set of truncated windows runs through are already known
+(``h_0 .. h_n`` of one forward pass with fixed params, or the stored states of
+a stream), no window needs to be re-run. The gradient of every window is a
+sum over its steps of the step's vector-Jacobian product (VJP) at that step's
+stored input state, and VJPs are linear. So one reverse pass over the steps
+does it all:
+
+* the adjoints of the (at most ``m``) windows active at step ``i`` travel
+  together as a batch with a leading axis of size ``m`` (one *slot* each);
+* at step ``i`` each slot receives the loss cotangent ``seed[i, slot]`` of the
+  window it holds, the step's carry VJP is applied to the ``m`` slots at once
+  (``vmap``), and a slot whose window is truncated at this step's input state
+  is dropped (``keep[i, slot]`` false);
+* the params and input cotangents are taken once, from the sum over the slots.
+
+The linearisation points do not depend on the adjoints, so by default every
+step is linearised at once (``vmap`` over time: large batched matmuls), and
+the sequential part does nothing but the carry VJPs; the params and input
+cotangents are one more batched call. ``sequential=True`` instead linearises
+each step inside the reverse pass, keeping only the states in memory.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+tree_map = jax.tree_util.tree_map
+
+
+class WindowTables:
+  """Static layout of overlapping windows over ``n`` steps (numpy arrays).
+
+  Attributes:
+    keep: boolean ``(n, m)``: at step ``i + 1``, whether the adjoint of slot
+      ``m`` passes on to the step's input state (false where the slot's
+      window is truncated there, or the slot is empty).
+    seed: ``(n, m)``: how many times the slot's window injects the loss of
+      step ``i + 1`` (0 or 1).
+    count: the number of injected losses, over all windows.
+  """
+
+  def __init__(self, keep: np.ndarray, seed: np.ndarray):
+    self.keep, self.seed = keep, seed
+    self.count = int(seed.sum())
+
+
+def window_tables(n: int, windows) -> WindowTables:
+  """Lays out windows ``(s, t, taus)`` over steps ``1..n`` in slots.
+
+  Window ``w`` runs through steps ``s < i <= t`` (truncated at the state
+  after step ``s``) and injects the losses of the steps in ``taus``. The
+  windows must be sorted with ``s`` and ``t`` non-decreasing, so that the
+  windows active at a step are consecutive and ``w mod m`` (``m`` the most
+  active at once) gives distinct slots.
+
+  Examples:
+    >>> tab = window_tables(4, [(0, 2, (1, 2)), (1, 4, (3, 4))])
+    >>> tab.keep.astype(int).tolist(), tab.count
+    ([[0, 0], [1, 0], [0, 1], [0, 1]], 4)
+  """
+  active = np.zeros(n + 2, np.int64)
+  for s, t, _ in windows:
+    active[s + 1] += 1
+    active[t + 1] -= 1
+  m = max(1, int(np.cumsum(active).max()))
+  keep = np.zeros((n, m), bool)
+  seed = np.zeros((n, m), np.int64)
+  owner = np.full((n, m), -1)
+  for w, (s, t, taus) in enumerate(windows):
+    slot = w % m
+    steps = np.arange(s, t)  # 0-based rows of steps s+1 .. t
+    assert (owner[steps, slot] == -1).all(), "windows are not sorted"
+    owner[steps, slot] = w
+    keep[s + 1:t, slot] = True  # the row of step s+1 drops the adjoint
+    for tau in taus:
+      seed[tau - 1, slot] += 1
+  return WindowTables(keep, seed)
+
+
+def _is_var(v) -> bool:
+  return isinstance(v, jex.core.Var)
+
+
+def depends_on_inputs(fn, *args) -> list[bool]:
+  """For each output leaf of ``fn(*args)``: whether it depends on ``args``.
+
+  A conservative data-flow walk over ``fn``'s jaxpr (a nested call counts as
+  depending on all of its inputs). Values computed from closed-over
+  constants only are independent.
+  """
+  closed = jax.make_jaxpr(fn)(*args)
+  dep = set(closed.jaxpr.invars)
+  for eqn in closed.jaxpr.eqns:
+    if any(_is_var(v) and v in dep for v in eqn.invars):
+      dep.update(eqn.outvars)
+  return [_is_var(v) and v in dep for v in closed.jaxpr.outvars]
+
+
+def _split(xs):
+  """Splits ``xs`` into its inexact (differentiable) leaves and the others."""
+  leaves, treedef = jax.tree_util.tree_flatten(xs)
+  is_float = [jnp.issubdtype(jnp.result_type(a), jnp.inexact) for a in leaves]
+
+  def merge(floats, others):
+    fi, oi = iter(floats), iter(others)
+    return jax.tree_util.tree_unflatten(
+        treedef, [next(fi) if f else next(oi) for f in is_float]
+    )
+
+  floats = [a for a, f in zip(leaves, is_float) if f]
+  others = [a for a, f in zip(leaves, is_float) if not f]
+
+  def cotangent(d_floats):
+    di = iter(d_floats)
+    return jax.tree_util.tree_unflatten(treedef, [
+        next(di) if f else np.zeros(np.shape(a), jax.dtypes.float0)
+        for a, f in zip(leaves, is_float)
+    ])
+
+  return floats, others, merge, cotangent
+
+
+def _row(tree, i):
+  return tree_map(lambda a: a[i], tree)
+
+
+def _where_rows(mask, tree):
+  """Zeroes the slots (leading axis) of ``tree`` where ``mask`` is false."""
+
+  def pick(a):
+    m = jnp.reshape(mask, mask.shape + (1,) * (a.ndim - 1))
+    return jnp.where(m, a, jnp.zeros_like(a))
+
+  return tree_map(pick, tree)
+
+
+def backprop(fn, params, hs_prev, xs, resets, keep, seed, *,
+             sequential: bool = False):
+  """Cotangents of params and xs for windows laid out by ``keep``/``seed``.
+
+  Args:
+    fn: ``fn(params, h, x, reset) -> (h, loss)``, one step (``reset`` may be
+      ``None``).
+    params: the params every step is linearised at.
+    hs_prev: the input state of every row (leaves of leading length ``L``).
+    xs: the rows' inputs (leading length ``L``).
+    resets: ``None`` or the rows' reset masks.
+    keep: boolean ``(L, m)`` (see :class:`WindowTables`), traced or not.
+    seed: ``(L, m)`` loss cotangents, in the loss dtype.
+    sequential: linearise each step inside the reverse pass (memory: the
+      states only) instead of all at once before it.
+
+  Returns:
+    ``(d_params, d_xs, losses)``: ``d_xs`` with ``float0`` leaves for
+    integer inputs; ``losses`` the ``(L,)`` step losses at the rows.
+  """
+  floats, others, merge, cotangent = _split(xs)
+  zero_lam = tree_map(
+      lambda a: jnp.zeros((keep.shape[1],) + a.shape[1:], a.dtype), hs_prev
+  )
+  rows = (floats, others, resets)
+
+  def step(p, h, row_floats, row_others, r):
+    return fn(p, h, merge(row_floats, row_others), r)
+
+  if sequential:
+    zero_p = tree_map(jnp.zeros_like, params)
+
+    def body(carry, inp):
+      lam, d_p = carry
+      h, (fl, ot, r), keep_i, seed_i = inp
+      (_, loss), pull = jax.vjp(
+          lambda p, h, fl: step(p, h, fl, ot, r), params, h, fl
+      )
+      d_h = jax.vmap(lambda c, s: pull((c, s))[1])(lam, seed_i)
+      total = (tree_map(lambda a: a.sum(0), lam), seed_i.sum(0))
+      dp_i, _, dfl = pull(total)
+      d_p = tree_map(jnp.add, d_p, dp_i)
+      return (_where_rows(keep_i, d_h), d_p), (dfl, loss)
+
+    (_, d_params), (d_floats, losses) = lax.scan(
+        body, (zero_lam, zero_p), (hs_prev, rows, keep, seed), reverse=True
+    )
+    return d_params, cotangent(d_floats), losses
+
+  # Every step linearised at once; unbatched residuals (e.g. the weights)
+  # stay single copies instead of being broadcast over time.
+  def residuals(h, row):
+    out, pull = jax.vjp(lambda h: step(params, h, *row), h)
+    leaves, treedef = jax.tree_util.tree_flatten(pull)
+    box.append(treedef)
+    return out, leaves
+
+  box = []
+  batched = depends_on_inputs(
+      lambda h, row: residuals(h, row)[1], _row(hs_prev, 0), _row(rows, 0)
+  )
+  out_axes = (0, [0 if b else None for b in batched])
+  (_, losses), leaves = jax.vmap(residuals, out_axes=out_axes)(hs_prev, rows)
+  treedef = box[-1]
+  assert len(leaves) == len(batched)
+  stacked = [a for a, b in zip(leaves, batched) if b]
+  fixed = [a for a, b in zip(leaves, batched) if not b]
+
+  def body(lam, inp):
+    res_i, keep_i, seed_i = inp
+    it_s, it_f = iter(res_i), iter(fixed)
+    pull = jax.tree_util.tree_unflatten(
+        treedef, [next(it_s) if b else next(it_f) for b in batched]
+    )
+    d_h = jax.vmap(lambda c, s: pull((c, s))[0])(lam, seed_i)
+    return _where_rows(keep_i, d_h), tree_map(lambda a: a.sum(0), lam)
+
+  _, lam_sum = lax.scan(body, zero_lam, (stacked, keep, seed), reverse=True)
+
+  def all_steps(p, fl):
+    return jax.vmap(lambda h, fl, ot, r: step(p, h, fl, ot, r))(
+        hs_prev, fl, others, resets
+    )
+
+  _, pull_all = jax.vjp(all_steps, params, floats)
+  d_params, d_floats = pull_all((lam_sum, seed.sum(1)))
+  return d_params, cotangent(d_floats), losses

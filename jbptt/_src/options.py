@@ -1,0 +1,33 @@
+"""The keyword options of the combinators, validated eagerly."""
+
+from __future__ import annotations
+
+import jax
+
+HISTORIES = ("recompute", "stored")
+
+
+def check_history(history) -> str:
+  """Returns ``history`` or raises a ValueError listing the allowed ones."""
+  if not isinstance(history, str) or history not in HISTORIES:
+    raise ValueError(
+        f"history must be one of {HISTORIES}, got history={history!r}."
+    )
+  return history
+
+
+def check_remat(remat):
+  """Returns ``remat`` (``None`` or a ``jax.checkpoint`` policy) or raises."""
+  if remat is not None and not callable(remat):
+    raise ValueError(
+        "remat must be None or a jax.checkpoint policy (a callable such as "
+        f"jax.checkpoint_policies.nothing_saveable), got remat={remat!r}."
+    )
+  return remat
+
+
+def rematted(step_loss, remat):
+  """``step_loss`` wrapped in ``jax.checkpoint(..., policy=remat)``, or as is."""
+  if remat is None:
+    return step_loss
+  return jax.checkpoint(step_loss, policy=remat)
