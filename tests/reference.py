@@ -145,3 +145,54 @@ def truncated_grad_xs(step_loss, params, carry, xs, k1, k2, policy="new"):
       count += 1
     t_prev = t
   return tree_map(lambda g: g / count, grad)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _step_vjp(step_loss, params, h_prev, x, reset, h0, ct_h, ct_loss):
+  """One step's VJP at (params, h_prev): (loss, d params, d h_prev)."""
+  def f(p, h):
+    return step_loss(p, _reset(reset, jax.lax.stop_gradient(h0), h), x)
+  (_, loss), pull = jax.vjp(f, params, h_prev)
+  d_p, d_h = pull((ct_h, ct_loss))
+  return loss, d_p, d_h
+
+
+def train_stored(step_loss, optimizer, params, carry, xs, k1, k2, policy="new",
+                 resets=None):
+  """Online TBPTT with history="stored" (Williams & Peng's BPTT(h; h0)).
+
+  The stream's states h_t are stored as they are computed (each with the
+  params current at its step). The update at t backpropagates every injected
+  loss_tau to the stored state h_s through the stored states: step j's
+  Jacobians are taken at (current params, stored h_(j-1), x_j); nothing is
+  re-run. Returns (params, losses per update, carry) like ``train``.
+  """
+  h0 = carry
+  opt_state = optimizer.init(params)
+  n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+  hs = [carry]
+  losses = []
+  zero_h = tree_map(jnp.zeros_like, carry)
+  for t in range(1, n + 1):
+    r = None if resets is None else resets[t - 1]
+    h, _ = _jitted(step_loss)(params, hs[-1], _x(xs, t - 1), r, h0)
+    hs.append(h)
+    if t % k1:
+      continue
+    total, grad, count = 0.0, None, 0
+    for tau, s in injected(t, t - k1, k2, policy):
+      lam = zero_h
+      for j in range(tau, s, -1):  # steps tau, tau-1, ..., s+1
+        r = None if resets is None else resets[j - 1]
+        ct_loss = 1.0 if j == tau else 0.0
+        loss, d_p, lam = _step_vjp(step_loss, params, hs[j - 1], _x(xs, j - 1),
+                                   r, h0, lam, ct_loss)
+        if j == tau:
+          total += loss
+        grad = d_p if grad is None else tree_map(jnp.add, grad, d_p)
+      count += 1
+    grad = tree_map(lambda g: g / count, grad)
+    updates, opt_state = optimizer.update(grad, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    losses.append(total / count)
+  return params, losses, hs[n]

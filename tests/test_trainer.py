@@ -9,7 +9,15 @@ import pytest
 import jbptt
 
 import reference as ref
-from conftest import CONFIGS, POLICIES, assert_trees_close, carry0, data, step_loss
+from conftest import (
+  CONFIGS,
+  POLICIES,
+  assert_trees_close,
+  carry0,
+  data,
+  max_diff,
+  step_loss,
+)
 
 tree_map = jax.tree_util.tree_map
 
@@ -179,3 +187,41 @@ def test_init_with_xs_allocates_history(k1, k2, params):
   assert_trees_close(early.carry, lazy.carry)
   with pytest.raises(ValueError, match="resets given without xs"):
     tr.init(params, h, resets=resets)
+
+
+STORED_CASES = [(n, k1, k2, "new") for n, k1, k2 in CONFIGS] + [
+    (9, 2, 5, "window"), (12, 4, 7, "last"), (5, 2, 9, "window"),
+    (7, 3, 2, "window")]
+
+
+@pytest.mark.parametrize("n,k1,k2,policy", STORED_CASES)
+def test_stored_history_matches_its_reference(n, k1, k2, policy, params):
+  """history="stored": Williams & Peng's BPTT(h; h0) on the stored states."""
+  xs, h = data(n), carry0()
+  resets = np.zeros((n, 2), bool)
+  resets[n // 2, 1] = True
+  opt = optax.adam(0.05)
+  want_params, want_losses, want_carry = ref.train_stored(
+      step_loss, opt, params, h, xs, k1, k2, policy, resets=resets)
+  tr = jbptt.trainer(step_loss, opt, k1=k1, k2=k2, policy=policy,
+                     history="stored")
+  cuts = [3] if k1 < k2 and n > 3 else []  # k1 >= k2: see the next test
+  state, losses = feed(tr, tr.init(params, h), xs, cuts, resets)
+  assert_trees_close(state.params, want_params)
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-10)
+  assert_trees_close(state.carry, want_carry)
+
+
+@pytest.mark.parametrize("n,k1,k2", [(10, 4, 4), (10, 8, 3), (12, 2, 6)])
+def test_stored_equals_recompute_exactly_when_k1_ge_k2(n, k1, k2, params):
+  """For k1 >= k2 every window lies within the steps run with the current
+  params, so the stored states are the re-run ones; for k1 < k2 they are not
+  (guards the test above)."""
+  xs, h = data(n), carry0()
+  opt = optax.adam(0.05)
+  stored = ref.train_stored(step_loss, opt, params, h, xs, k1, k2)[0]
+  recomputed = ref.train(step_loss, opt, params, h, xs, k1, k2)[0]
+  if k1 >= k2:
+    assert_trees_close(stored, recomputed)
+  else:
+    assert max_diff(stored, recomputed) > 1e-6

@@ -37,13 +37,16 @@ def masked_step(step_loss, params, carry, x, reset, valid, initial_carry):
 
   A reset replaces the carry by ``initial_carry`` before the step; no
   gradient crosses it (``where`` sends none to the replaced branch). An
-  invalid step (``valid`` False) leaves the carry unchanged.
+  invalid step (``valid`` False) leaves the carry unchanged, reset or not.
   """
+  entering = carry
   if reset is not None:
     carry = select_leading(reset, initial_carry, carry)
   new_carry, loss = step_loss(params, carry, x)
   if valid is not None:
-    new_carry = tree_map(lambda a, b: jnp.where(valid, a, b), new_carry, carry)
+    new_carry = tree_map(
+        lambda a, b: jnp.where(valid, a, b), new_carry, entering
+    )
   return new_carry, loss
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jbptt._src import checks, segment, semantics
+from jbptt._src import adjoint, checks, options, segment, semantics
 from jbptt._src import truncated_loss as tl
 
 tree_map = jax.tree_util.tree_map
@@ -23,9 +23,10 @@ class History(NamedTuple):
     xs: the last ``L - 1`` inputs (``L = max(k1, k2)``), oldest first.
     resets: the matching reset masks.
     anchor: the stream's carry after the last update.
-    starts: for ``k1 < k2``, the stored stream carries after steps
-      ``t - k2`` of the next ``ceil(k2 / k1) - 1`` updates (leading axis);
-      ``None`` otherwise.
+    starts: for ``k1 < k2``, stored stream carries (leading axis): with
+      ``history="recompute"`` those after steps ``t - k2`` of the next
+      ``ceil(k2 / k1) - 1`` updates, with ``history="stored"`` the last
+      ``k2 - k1`` carries before the anchor; ``None`` for ``k1 >= k2``.
   """
 
   xs: Any
@@ -107,6 +108,8 @@ def trainer(
     k1: int,
     k2: int,
     policy: str = "new",
+    history: str = "recompute",
+    remat=None,
 ) -> Trainer:
   """Online TBPTT(k1, k2): train on a stream fed in chunks of any length.
 
@@ -131,6 +134,28 @@ def trainer(
     k1: steps between updates (positive int).
     k2: steps each update backpropagates through (positive int).
     policy: ``"new"`` (default), ``"window"`` or ``"last"``.
+    history: how an update backpropagates through its window.
+      ``"recompute"`` (default): the window is re-run from the stored state
+      ``h_s`` with the current params and differentiated, as above.
+      ``"stored"``: Williams & Peng's BPTT(h; h0): the stream's states of
+      the last ``k2`` steps are stored as the stream computed them (each with
+      the params current at its step) and nothing is re-run; the gradient
+      backpropagates through those stored states, step ``j``'s Jacobians and
+      loss taken at (current params, stored ``h_(j-1)``, ``x_j``): all steps
+      of the window are linearised at once (in parallel over time), then one
+      sequential reverse pass carries the adjoint. For ``k1 >= k2`` every
+      window lies within the steps run since the last update, so the stored
+      states are the re-run ones and both give the same gradient (the same
+      code runs). For ``k1 < k2`` the states older than ``t - k1`` were
+      computed with older params, so the gradient differs from the default
+      by terms of the order of the params' change over the window; it is
+      cheaper (no re-run of the window, no second forward pass).
+    remat: ``None`` (default) or a ``jax.checkpoint`` policy (e.g.
+      ``jax.checkpoint_policies.nothing_saveable``) to trade compute for
+      memory in the window's backward pass: with ``"recompute"`` every step
+      of the window is wrapped in ``jax.checkpoint(step_loss, policy=remat)``;
+      with ``"stored"`` each step is linearised inside the reverse pass
+      instead of all at once. The result is the same.
 
   Returns:
     A :class:`Trainer` with ``init(params, carry, xs=None, resets=None) ->
@@ -160,6 +185,8 @@ def trainer(
     Training of Recurrent Network Trajectories, Neural Computation, 1990.
   """
   k1, k2, policy = semantics.check_config(k1, k2, policy)
+  stored = options.check_history(history) == "stored" and k1 < k2
+  remat = options.check_remat(remat)
   if not isinstance(optimizer, optax.GradientTransformation) and not (
       hasattr(optimizer, "init") and hasattr(optimizer, "update")
   ):
@@ -170,10 +197,16 @@ def trainer(
   overlap = k1 < k2
   length = k2 if overlap else k1  # the window re-run at each update
   n_own = max(0, k1 - k2)
-  n_starts = math.ceil(k2 / k1) - 1 if overlap else 0
+  if not overlap:
+    n_starts = 0
+  elif stored:
+    n_starts = k2 - k1
+  else:
+    n_starts = math.ceil(k2 / k1) - 1
   offset = (-k2) % k1  # where, in a chunk, a future window starts
   taus = [tau for tau, _ in semantics.injected(length, length - k1, k2, policy)]
   inject = tl.inject_mask(0, length, taus)
+  window_step = options.rematted(step_loss, remat)
 
   def init(params, carry, xs=None, resets=None) -> TrainState:
     carry = checks.as_arrays(carry)
@@ -221,17 +254,16 @@ def trainer(
     t0 = state.step
     pending = t0 % k1
     n_slots = (k1 - 1 + m) // k1
+    loss_dtype = jax.eval_shape(
+        step_loss, state.params, state.carry, checks.first_step(xs)
+    )[1].dtype
 
     def forward(params, h, xs, resets, start, stop):
       sl = lambda a: a[start:stop]
       return segment.forward(step_loss, params, h, tree_map(sl, xs), sl(resets), h0)
 
-    def run_update(carry, j):
-      params, opt_state, anchor, starts, n_skipped = carry
-      first = j * k1 - pending - 1  # index of the window's first step
-      t = t0 - pending + j * k1  # the update's end, a stream step
-      wx = _dslice(all_x, first, length)
-      wr = lax.dynamic_slice_in_dim(all_r, first, length)
+    def recomputed_window(params, anchor, starts, wx, wr, t):
+      """The window re-run from its stored start with the current params."""
       if overlap:
         valid = (t - length + 1 + jnp.arange(length)) >= 1
         cx = tree_map(lambda a: a[length - k1:], wx)
@@ -247,13 +279,46 @@ def trainer(
 
       def objective(p):
         total, h = segment.segment_loss(
-            step_loss, p, start, wx, wr, valid, h0, n_own=n_own, inject=inject
+            window_step, p, start, wx, wr, valid, h0, n_own=n_own,
+            inject=inject,
         )
         return total / count, h
 
       (loss, h), grads = jax.value_and_grad(objective, has_aux=True)(params)
-      if not overlap:
-        h_end = h
+      return (loss, grads), (h_end if overlap else h), starts
+
+    def stored_window(params, anchor, starts, wx, wr, t):
+      """Backpropagation through the stored states of the window."""
+      valid = (t - length + 1 + jnp.arange(length)) >= 1
+      cx = tree_map(lambda a: a[length - k1:], wx)
+      h_end, hs = forward(params, anchor, cx, wr[length - k1:], 0, k1)
+      prev = _concat(_concat(starts, tree_map(lambda a: a[None], anchor)),
+                     tree_map(lambda a: a[:-1], hs))
+      mask = jnp.asarray(inject) & valid
+      seed = mask.astype(loss_dtype) / jnp.sum(mask).astype(loss_dtype)
+      keep = jnp.concatenate([jnp.zeros((1,), bool), valid[:-1]])
+      grads, _, losses = adjoint.backprop(
+          lambda p, h, x, r: segment.masked_step(step_loss, p, h, x, r, None, h0),
+          params, prev, wx, wr, keep[:, None], seed[:, None],
+          sequential=remat is not None,
+      )
+      loss = jnp.sum(jnp.where(mask, losses, jnp.zeros_like(losses)) * seed)
+      return (loss, grads), h_end, tree_map(lambda a: a[k1:], prev)
+
+    def run_update(carry, j):
+      params, opt_state, anchor, starts, n_skipped = carry
+      first = j * k1 - pending - 1  # index of the window's first step
+      t = t0 - pending + j * k1  # the update's end, a stream step
+      wx = _dslice(all_x, first, length)
+      wr = lax.dynamic_slice_in_dim(all_r, first, length)
+      if stored:
+        (loss, grads), h_end, starts = stored_window(
+            params, anchor, starts, wx, wr, t
+        )
+      else:
+        (loss, grads), h_end, starts = recomputed_window(
+            params, anchor, starts, wx, wr, t
+        )
       updates, new_opt_state = optimizer.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
       finite = _all_finite(loss) & _all_finite(grads)
@@ -307,7 +372,7 @@ def trainer(
       carry = anchor
 
     keep_last = lambda a: a[a.shape[0] - (length - 1):]
-    history = History(
+    new_history = History(
         xs=tree_map(keep_last, all_x),
         resets=keep_last(all_r),
         anchor=anchor,
@@ -320,7 +385,7 @@ def trainer(
         initial_carry=h0,
         step=t0 + m,
         num_skipped=n_skipped,
-        history=history,
+        history=new_history,
     )
     return new_state, metrics
 
