@@ -59,6 +59,34 @@ class Trainer:
     _block(metrics.loss)
 
 
+class TrainerStored(Trainer):
+  """``jbptt.trainer(..., history="stored")`` (k1 < k2; the same as the
+  default for k1 >= k2)."""
+
+  name = "jbptt.trainer (stored)"
+
+  def __init__(self, case):
+    if case.k1 >= case.k2:
+      raise NotImplementedError("the same as jbptt.trainer for k1 >= k2")
+    _, params, carry, step_loss = setup(case)
+    self.tr = jbptt.trainer(step_loss, optax.adam(LR), k1=case.k1, k2=case.k2,
+                            history="stored")
+    self.state = self.tr.init(params, carry)
+
+
+class TrainerRemat(Trainer):
+  """``jbptt.trainer(..., remat=jax.checkpoint_policies.nothing_saveable)``
+  (run by the remat case only)."""
+
+  name = "jbptt.trainer (remat)"
+
+  def __init__(self, case):
+    _, params, carry, step_loss = setup(case)
+    self.tr = jbptt.trainer(step_loss, optax.adam(LR), k1=case.k1, k2=case.k2,
+                            remat=jax.checkpoint_policies.nothing_saveable)
+    self.state = self.tr.init(params, carry)
+
+
 class _OneStepPerSequence:
   """One gradient of ``loss_fn(params, carry, (xs, ys)) -> (loss, carry)``
   over the whole sequence, then one Adam step."""
@@ -208,4 +236,4 @@ class FlaxLoop:
     _block(loss)
 
 
-IMPLS = [Trainer, TruncatedLoss, ScanReference, FlaxLoop, FullBPTT]
+IMPLS = [Trainer, TrainerStored, TruncatedLoss, ScanReference, FlaxLoop, FullBPTT]

@@ -51,6 +51,7 @@ def cases(mode: str) -> dict[str, list[Case]]:
     return {
         "lstm": [Case("lstm", 2, 3, 8, 32, 8, 8), Case("lstm", 2, 3, 8, 32, 4, 8)],
         "memory": [],
+        "remat": [],
         "devices": [],
     }
   n_big = 1024 if mode == "full" else 256
@@ -62,6 +63,7 @@ def cases(mode: str) -> dict[str, list[Case]]:
       "k2-sweep": [Case("k2-sweep", 32, 16, 128, n_big // 2, 8, k2)
                    for k2 in (8, 16, 32, 64)],
       "memory": [],  # run by memory_case
+      "remat": [],  # run by remat_case
       "devices": [],  # run by devices_case
   }
 
@@ -194,6 +196,45 @@ def memory_case(lengths, chunk, progress=None):
   return rows
 
 
+# -- remat for a long window, one subprocess per point --------------------------
+
+
+def remat_probe(impl: str, k: int, batch: int, hidden: int) -> dict:
+  """Runs in a fresh process: TBPTT(k, k) over 2 k steps, twice; returns the
+  peak resident memory and the second run's time."""
+  case = Case("remat", batch, 4, hidden, 2 * k, k, k)
+  cls = impls_jax.TrainerRemat if "remat" in impl else impls_jax.Trainer
+  model = cls(case)
+  xs, ys = data(case)
+  model.run(xs, ys)
+  start = time.perf_counter()
+  model.run(xs, ys)
+  wall = time.perf_counter() - start
+  return {"peak_rss_mb": round(_high_water_mb(), 1), "ms": wall * 1e3,
+          "device_peak_mb": _device_peak_mb()}
+
+
+def remat_case(k: int, batch: int, hidden: int, progress=None):
+  rows = []
+  for impl in ("jbptt.trainer", "jbptt.trainer (remat)"):
+    out = subprocess.run(
+        [sys.executable, __file__, "--_rematprobe", impl, str(k), str(batch),
+         str(hidden)], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+      raise RuntimeError(f"remat probe {impl} failed:\n{out.stderr}")
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    rows.append({
+        "case": "remat", "impl": impl, "k1": k, "k2": k, "batch": batch,
+        "hidden": hidden, "n": 2 * k, "ms_per_seq": round(probe["ms"], 1),
+        "steps_per_s": round(2 * k / probe["ms"] * 1e3, 1),
+        "peak_mem_mb": probe["device_peak_mb"] or probe["peak_rss_mb"],
+        "compile_s": None, "device": device_name(),
+    })
+    if progress:
+      progress()
+  return rows
+
+
 # -- data parallel over forced host devices, one subprocess per count ---------
 
 
@@ -258,7 +299,7 @@ def markdown(rows, skipped) -> str:
             "ratio to jbptt | compile s | peak MB |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
-    if row["case"] in ("memory", "devices"):
+    if row["case"] in ("memory", "devices", "remat"):
       continue
     base = next(r["ms_per_seq"] for r in rows if r["case"] == row["case"]
                 and r["k1"] == row["k1"] and r["k2"] == row["k2"]
@@ -275,6 +316,15 @@ def markdown(rows, skipped) -> str:
               "", "| implementation | n | peak MB | wall s |", "|---|---|---|---|"]
     lines += [f"| {r['impl']} | {r['n']} | {r['peak_mem_mb']} | "
               f"{r['ms_per_seq'] / 1e3:.1f} |" for r in mem]
+  rem = [r for r in rows if r["case"] == "remat"]
+  if rem:
+    lines += ["", "remat for a long window (TBPTT(k, k) over 2 k steps, peak resident "
+              "memory of a fresh process; remat = "
+              "jax.checkpoint_policies.nothing_saveable):", "",
+              "| implementation | k | B | H | peak MB | ms / 2k steps |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['impl']} | {r['k1']} | {r['batch']} | {r['hidden']} | "
+              f"{r['peak_mem_mb']} | {r['ms_per_seq']:.0f} |" for r in rem]
   dev = [r for r in rows if r["case"] == "devices"]
   if dev:
     base = dev[0]["ms_per_seq"]
@@ -297,7 +347,7 @@ def plots(rows, out: pathlib.Path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  speed = [r for r in rows if r["case"] not in ("memory", "devices")]
+  speed = [r for r in rows if r["case"] not in ("memory", "devices", "remat")]
   groups = sorted({(r["case"], r["k1"], r["k2"]) for r in speed},
                   key=lambda g: (g[0], g[1], g[2]))
   impls = sorted({r["impl"] for r in speed})
@@ -345,14 +395,19 @@ def main(argv=None):
   mode.add_argument("--smoke", action="store_true", help="tiny, seconds (CI)")
   parser.add_argument("--out", default="bench-out")
   parser.add_argument("--cases", nargs="*",
-                      help="lstm, online, k2-sweep, memory, devices")
+                      help="lstm, online, k2-sweep, memory, remat, devices")
   parser.add_argument("--repeats", type=int)
   parser.add_argument("--_memprobe", nargs=3, help=argparse.SUPPRESS)
   parser.add_argument("--_devprobe", nargs=3, help=argparse.SUPPRESS)
+  parser.add_argument("--_rematprobe", nargs=4, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args._devprobe:
     count, n, reps = (int(v) for v in args._devprobe)
     print(json.dumps(devices_probe(count, n, reps)))
+    return 0
+  if args._rematprobe:
+    impl, k, batch, hidden = args._rematprobe
+    print(json.dumps(remat_probe(impl, int(k), int(batch), int(hidden))))
     return 0
   if args._memprobe:
     impl, n, chunk = args._memprobe
@@ -361,7 +416,7 @@ def main(argv=None):
   level = "smoke" if args.smoke else "quick" if args.quick else "full"
   groups = cases(level)
   wanted = args.cases or [g for g in groups
-                          if not (level == "smoke" and g == "devices")]
+                          if not (level == "smoke" and g in ("devices", "remat"))]
   unknown = [c for c in wanted if c not in groups]
   if unknown:
     parser.error(f"unknown case(s) {unknown}; choose from {list(groups)}")
@@ -379,6 +434,12 @@ def main(argv=None):
       if group == "memory":
         bar = progress.add_task("memory", total=2 * len(lengths))
         rows += memory_case(lengths, 1000, lambda: progress.advance(bar))
+        continue
+      if group == "remat":
+        bar = progress.add_task("remat", total=2)
+        k, b, h = {"smoke": (64, 2, 8), "quick": (1024, 32, 128),
+                   "full": (4096, 32, 128)}[level]
+        rows += remat_case(k, b, h, lambda: progress.advance(bar))
         continue
       if group == "devices":
         bar = progress.add_task("devices", total=3)

@@ -140,6 +140,14 @@ def _where_rows(mask, tree):
   return tree_map(pick, tree)
 
 
+def _slots_vjp(pull, lam, seed_i, index):
+  """``pull`` applied to every slot of ``(lam, seed_i)``; output ``index``."""
+  if seed_i.shape[0] == 1:  # one slot: no vmap (its reshapes cost per step)
+    ct = pull((tree_map(lambda a: a[0], lam), seed_i[0]))[index]
+    return tree_map(lambda a: a[None], ct)
+  return jax.vmap(lambda c, s: pull((c, s))[index])(lam, seed_i)
+
+
 def backprop(fn, params, hs_prev, xs, resets, keep, seed, *,
              sequential: bool = False):
   """Cotangents of params and xs for windows laid out by ``keep``/``seed``.
@@ -178,7 +186,7 @@ def backprop(fn, params, hs_prev, xs, resets, keep, seed, *,
       (_, loss), pull = jax.vjp(
           lambda p, h, fl: step(p, h, fl, ot, r), params, h, fl
       )
-      d_h = jax.vmap(lambda c, s: pull((c, s))[1])(lam, seed_i)
+      d_h = _slots_vjp(pull, lam, seed_i, 1)
       total = (tree_map(lambda a: a.sum(0), lam), seed_i.sum(0))
       dp_i, _, dfl = pull(total)
       d_p = tree_map(jnp.add, d_p, dp_i)
@@ -214,7 +222,7 @@ def backprop(fn, params, hs_prev, xs, resets, keep, seed, *,
     pull = jax.tree_util.tree_unflatten(
         treedef, [next(it_s) if b else next(it_f) for b in batched]
     )
-    d_h = jax.vmap(lambda c, s: pull((c, s))[0])(lam, seed_i)
+    d_h = _slots_vjp(pull, lam, seed_i, 0)
     return _where_rows(keep_i, d_h), tree_map(lambda a: a.sum(0), lam)
 
   _, lam_sum = lax.scan(body, zero_lam, (stacked, keep, seed), reverse=True)
