@@ -99,6 +99,13 @@ def truncated_loss(step_loss, params, carry, xs, k1, k2, policy="new",
   return total / count, tree_map(lambda g: g / count, grad), hs[n]
 
 
+def _step(optimizer, params, opt_state, grad_sum, count):
+  """One optax update with the mean of ``count`` injected losses' gradients."""
+  grad = tree_map(lambda g: g / count, grad_sum)
+  updates, opt_state = optimizer.update(grad, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
 def train(step_loss, optimizer, params, carry, xs, k1, k2, policy="new",
           resets=None):
   """Online TBPTT on a stream: returns (params, losses per update, carry)."""
@@ -118,9 +125,7 @@ def train(step_loss, optimizer, params, carry, xs, k1, k2, policy="new",
         total += v
         grad = g if grad is None else tree_map(jnp.add, grad, g)
         count += 1
-      grad = tree_map(lambda g: g / count, grad)
-      updates, opt_state = optimizer.update(grad, opt_state, params)
-      params = optax.apply_updates(params, updates)
+      params, opt_state = _step(optimizer, params, opt_state, grad, count)
       losses.append(total / count)
   return params, losses, hs[n]
 
@@ -191,8 +196,6 @@ def train_stored(step_loss, optimizer, params, carry, xs, k1, k2, policy="new",
           total += loss
         grad = d_p if grad is None else tree_map(jnp.add, grad, d_p)
       count += 1
-    grad = tree_map(lambda g: g / count, grad)
-    updates, opt_state = optimizer.update(grad, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    params, opt_state = _step(optimizer, params, opt_state, grad, count)
     losses.append(total / count)
   return params, losses, hs[n]

@@ -372,7 +372,7 @@ def trainer(
       carry = anchor
 
     keep_last = lambda a: a[a.shape[0] - (length - 1):]
-    new_history = History(
+    buffers = History(
         xs=tree_map(keep_last, all_x),
         resets=keep_last(all_r),
         anchor=anchor,
@@ -385,7 +385,7 @@ def trainer(
         initial_carry=h0,
         step=t0 + m,
         num_skipped=n_skipped,
-        history=new_history,
+        history=buffers,
     )
     return new_state, metrics
 
