@@ -26,6 +26,12 @@ def select_leading(mask, on_true, on_false):
   """
 
   def pick(a, b):
+    if jnp.ndim(mask) == 0 and jnp.shape(a) == jnp.shape(b):
+      # A scalar predicate selects whole arrays: no broadcast mask is made
+      # (or stored for the backward pass) at every step.
+      a, b = jnp.asarray(a), jnp.asarray(b)
+      dtype = jnp.result_type(a, b)
+      return lax.select(mask, a.astype(dtype), b.astype(dtype))
     m = jnp.reshape(mask, jnp.shape(mask) + (1,) * (jnp.ndim(a) - jnp.ndim(mask)))
     return jnp.where(m, a, b)
 
@@ -44,9 +50,7 @@ def masked_step(step_loss, params, carry, x, reset, valid, initial_carry):
     carry = select_leading(reset, initial_carry, carry)
   new_carry, loss = step_loss(params, carry, x)
   if valid is not None:
-    new_carry = tree_map(
-        lambda a, b: jnp.where(valid, a, b), new_carry, entering
-    )
+    new_carry = select_leading(valid, new_carry, entering)
   return new_carry, loss
 
 

@@ -319,15 +319,21 @@ def trainer(
         (loss, grads), h_end, starts = recomputed_window(
             params, anchor, starts, wx, wr, t
         )
-      updates, new_opt_state = optimizer.update(grads, opt_state, params)
-      new_params = optax.apply_updates(params, updates)
       finite = _all_finite(loss) & _all_finite(grads)
-      keep = lambda new, old: tree_map(
-          lambda a, b: jnp.where(finite, a, b), new, old
+
+      def apply(params_opt):
+        params, opt_state = params_opt
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+      # A cond, not a select of both results: the skipped branch costs
+      # nothing and the params are not copied at every update.
+      new_params, new_opt_state = lax.cond(
+          finite, apply, lambda params_opt: params_opt, (params, opt_state)
       )
       carry = (
-          keep(new_params, params),
-          keep(new_opt_state, opt_state),
+          new_params,
+          new_opt_state,
           h_end,
           starts,
           n_skipped + (~finite).astype(jnp.int32),
