@@ -87,6 +87,31 @@ class TrainerRemat(Trainer):
     self.state = self.tr.init(params, carry)
 
 
+class TrainerFedInChunks(Trainer):
+  """``jbptt.trainer`` fed ``k1`` steps per ``update`` call, as a live
+  stream arrives (the stream case only)."""
+
+  name = "jbptt.trainer, k1 steps per call"
+
+  def __init__(self, case):
+    if case.name != "stream":
+      raise NotImplementedError("run by the stream case only")
+    _, params, carry, step_loss = setup(case)
+    self.k1 = case.k1
+    self.tr = jbptt.trainer(step_loss, optax.adam(LR), k1=case.k1, k2=case.k2)
+    self.state = self.tr.init(params, carry)
+
+  def run(self, xs, ys):
+    key = id(xs)
+    if getattr(self, "key", None) != key:  # the pieces, as they would arrive
+      self.key = key
+      self.pieces = [(xs[i:i + self.k1], ys[i:i + self.k1])
+                     for i in range(0, xs.shape[0], self.k1)]
+    for piece in self.pieces:
+      self.state, metrics = self.tr.update(self.state, piece)
+    _block(metrics.loss)
+
+
 class _OneStepPerSequence:
   """One gradient of ``loss_fn(params, carry, (xs, ys)) -> (loss, carry)``
   over the whole sequence, then one Adam step."""
@@ -236,4 +261,5 @@ class FlaxLoop:
     _block(loss)
 
 
-IMPLS = [Trainer, TrainerStored, TruncatedLoss, ScanReference, FlaxLoop, FullBPTT]
+IMPLS = [Trainer, TrainerStored, TrainerFedInChunks, TruncatedLoss, ScanReference,
+         FlaxLoop, FullBPTT]

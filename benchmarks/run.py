@@ -53,6 +53,7 @@ def cases(mode: str) -> dict[str, list[Case]]:
   if mode == "smoke":
     return {
         "lstm": [Case("lstm", 2, 3, 8, 32, 8, 8), Case("lstm", 2, 3, 8, 32, 4, 8)],
+        "stream": [Case("stream", 1, 3, 8, 16, 4, 8)],
         "memory": [],
         "remat": [],
         "devices": [],
@@ -63,6 +64,8 @@ def cases(mode: str) -> dict[str, list[Case]]:
                Case("lstm", 32, 16, 128, n_big, 8, 32)],
       "online": [Case("online", 1, 4, 32, 512, 4, 16),
                  Case("online", 1, 4, 32, 512, 1, 16)],
+      "stream": [Case("stream", 1, 4, 32, 512, 4, 16),
+                 Case("stream", 1, 4, 32, 512, 1, 16)],
       "k2-sweep": [Case("k2-sweep", 32, 16, 128, n_big // 2, 8, k2)
                    for k2 in (8, 16, 32, 64)],
       "memory": [],  # run by memory_case
@@ -85,6 +88,14 @@ def data(case: Case, seed: int = 0):
   return jax.numpy.asarray(xs), jax.numpy.asarray(ys)
 
 
+def impls_for(case: Case):
+  """The implementations a case compares (the stream case: the trainer fed
+  the whole sequence in one call against ``k1`` steps per call)."""
+  if case.name == "stream":
+    return [impls_jax.Trainer, impls_jax.TrainerFedInChunks]
+  return impls_jax.IMPLS + impls_torch.IMPLS
+
+
 def available(impl_types, case):
   """Instances of the implementations that can run ``case`` here."""
   made, skipped = [], []
@@ -99,7 +110,7 @@ def available(impl_types, case):
 def time_case(case: Case, repeats: int, progress=None):
   """Rows for every implementation of one case, interleaved repeats."""
   xs, ys = data(case)
-  impls, skipped = available(impls_jax.IMPLS + impls_torch.IMPLS, case)
+  impls, skipped = available(impls_for(case), case)
   first = {}
   for impl in impls:
     start = time.perf_counter()
@@ -398,7 +409,7 @@ def main(argv=None):
   mode.add_argument("--smoke", action="store_true", help="tiny, seconds (CI)")
   parser.add_argument("--out", default="bench-out")
   parser.add_argument("--cases", nargs="*",
-                      help="lstm, online, k2-sweep, memory, remat, devices")
+                      help="lstm, online, stream, k2-sweep, memory, remat, devices")
   parser.add_argument("--repeats", type=int)
   parser.add_argument("--_memprobe", nargs=3, help=argparse.SUPPRESS)
   parser.add_argument("--_devprobe", nargs=3, help=argparse.SUPPRESS)
@@ -454,7 +465,7 @@ def main(argv=None):
         rows += devices_case(n_dev, min(repeats, 3), lambda: progress.advance(bar))
         continue
       for case in groups[group]:
-        n_impls = len(available(impls_jax.IMPLS + impls_torch.IMPLS, case)[0])
+        n_impls = len(available(impls_for(case), case)[0])
         bar = progress.add_task(f"{case.name} ({case.k1}, {case.k2})",
                                 total=n_impls * (repeats + 1))
         case_rows, case_skipped = time_case(case, repeats,
