@@ -89,17 +89,13 @@ class TrainerRemat(Trainer):
 
 class TrainerFedInChunks(Trainer):
   """``jbptt.trainer`` fed ``k1`` steps per ``update`` call, as a live
-  stream arrives (the stream case only)."""
+  stream arrives (run by the stream case, see ``run.impls_for``)."""
 
   name = "jbptt.trainer, k1 steps per call"
 
   def __init__(self, case):
-    if case.name != "stream":
-      raise NotImplementedError("run by the stream case only")
-    _, params, carry, step_loss = setup(case)
+    super().__init__(case)
     self.k1 = case.k1
-    self.tr = jbptt.trainer(step_loss, optax.adam(LR), k1=case.k1, k2=case.k2)
-    self.state = self.tr.init(params, carry)
 
   def run(self, xs, ys):
     key = id(xs)
@@ -261,5 +257,4 @@ class FlaxLoop:
     _block(loss)
 
 
-IMPLS = [Trainer, TrainerStored, TrainerFedInChunks, TruncatedLoss, ScanReference,
-         FlaxLoop, FullBPTT]
+IMPLS = [Trainer, TrainerStored, TruncatedLoss, ScanReference, FlaxLoop, FullBPTT]
