@@ -112,6 +112,48 @@ def test_resets_match_reference(k1, k2, policy, params):
   assert_trees_close(state.carry, want_carry)
 
 
+@pytest.mark.parametrize("history", ["recompute", "stored"])
+@pytest.mark.parametrize("k1,k2", [(4, 4), (3, 7), (5, 2)])
+def test_stream_without_resets_keeps_none(k1, k2, history, params):
+  """A stream without resets is traced without them and trains as all-false."""
+  n = 17
+  xs, h = data(n), carry0()
+  tr = jbptt.trainer(step_loss, optax.adam(0.05), k1=k1, k2=k2,
+                     history=history)
+  plain, plain_losses = feed(tr, tr.init(params, h), xs, [6, 11])
+  masked, masked_losses = feed(tr, tr.init(params, h), xs, [6, 11],
+                               np.zeros((n,), bool))
+  assert plain.history.resets is None
+  assert masked.history.resets is not None
+  assert_trees_close(plain.params, masked.params)
+  assert_trees_close(plain.carry, masked.carry)
+  np.testing.assert_allclose(plain_losses, masked_losses, rtol=1e-12)
+
+
+@pytest.mark.parametrize("history", ["recompute", "stored"])
+@pytest.mark.parametrize("k1,k2", [(3, 3), (2, 5), (4, 2)])
+def test_resets_arriving_mid_stream(k1, k2, history, params):
+  """Pieces fed without resets, then with them: as one stream with resets."""
+  n = 14
+  xs, h = data(n), carry0()
+  resets = np.zeros((n, 2), bool)
+  resets[8, 0] = resets[11, 1] = True
+  opt = optax.adam(0.05)
+  tr = jbptt.trainer(step_loss, opt, k1=k1, k2=k2, history=history)
+  state = tr.init(params, h)
+  state, first = tr.update(state, tree_map(lambda a: a[:7], xs))
+  assert state.history.resets is None
+  state, second = tr.update(state, tree_map(lambda a: a[7:], xs), resets[7:])
+  whole, _ = feed(tr, tr.init(params, h), xs, [7], resets)
+  assert_trees_close(state.params, whole.params)
+  assert_trees_close(state.carry, whole.carry)
+  if history == "recompute":
+    want_params, _, want_carry = ref.train(
+        step_loss, opt, params, h, xs, k1, k2, "new", resets=resets)
+    assert_trees_close(state.params, want_params)
+    assert_trees_close(state.carry, want_carry)
+
+
 def test_reset_equals_training_pieces_separately(params):
   """k2 within a piece: a reset at an update boundary separates the streams."""
   k1 = k2 = 3

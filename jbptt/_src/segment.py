@@ -111,6 +111,8 @@ def segment_loss(
     h, rest = run(params, h, n_own, length, False)
     losses.append(rest)
   losses = jnp.concatenate(losses) if len(losses) > 1 else losses[0]
+  if valid is None and np.all(inject):  # every loss counts: no mask to apply
+    return jnp.sum(losses), h
   mask = jnp.asarray(inject)
   if valid is not None:
     mask = mask & valid

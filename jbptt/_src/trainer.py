@@ -21,7 +21,8 @@ class History(NamedTuple):
 
   Attributes:
     xs: the last ``L - 1`` inputs (``L = max(k1, k2)``), oldest first.
-    resets: the matching reset masks.
+    resets: the matching reset masks; ``None`` while the stream has had none
+      (then no step of an update selects between carries).
     anchor: the stream's carry after the last update.
     starts: for ``k1 < k2``, stored stream carries (leading axis): with
       ``history="recompute"`` those after steps ``t - k2`` of the next
@@ -30,7 +31,7 @@ class History(NamedTuple):
   """
 
   xs: Any
-  resets: jax.Array
+  resets: jax.Array | None
   anchor: Any
   starts: Any
 
@@ -94,6 +95,26 @@ def _concat(a, b):
 
 def _dslice(tree, start, size):
   return tree_map(lambda a: lax.dynamic_slice_in_dim(a, start, size), tree)
+
+
+def _all_resets(hist_resets, resets, m, pad):
+  """The reset masks of the history and the chunk, joined (time leading).
+
+  ``None`` when neither has any: a stream without resets is traced without
+  them, so its steps make no selection between carries. Otherwise a missing
+  side is all false and both are broadcast to a common mask shape.
+  """
+  if hist_resets is None and resets is None:
+    return None
+  if hist_resets is None:
+    hist_resets = jnp.zeros((pad,) + resets.shape[1:], bool)
+  if resets is None:
+    resets = jnp.zeros((m,) + hist_resets.shape[1:], bool)
+  shape = jnp.broadcast_shapes(hist_resets.shape[1:], resets.shape[1:])
+  return jnp.concatenate([
+      jnp.broadcast_to(hist_resets, (pad,) + shape),
+      jnp.broadcast_to(resets, (m,) + shape),
+  ])
 
 
 def _all_finite(tree):
@@ -229,7 +250,9 @@ def trainer(
     pad = length - 1
     return History(
         xs=tree_map(lambda a: jnp.repeat(a[:1], pad, axis=0), xs),
-        resets=jnp.zeros((pad,) + reset_shape, bool),
+        resets=None if reset_shape is None else jnp.zeros(
+            (pad,) + reset_shape, bool
+        ),
         anchor=state.carry,
         starts=tree_map(
             lambda a: jnp.repeat(a[None], n_starts, axis=0), state.carry
@@ -242,14 +265,8 @@ def trainer(
     hist = state.history
     if resets is not None:
       resets = checks.check_resets(resets, m, state.carry)
-    if resets is None:
-      resets = jnp.zeros((m,) + hist.resets.shape[1:], bool)
-    shape = jnp.broadcast_shapes(hist.resets.shape[1:], resets.shape[1:])
-    hist_r = jnp.broadcast_to(hist.resets, hist.resets.shape[:1] + shape)
-    resets = jnp.broadcast_to(resets, (m,) + shape)
-
     all_x = _concat(hist.xs, xs)
-    all_r = jnp.concatenate([hist_r, resets])
+    all_r = _all_resets(hist.resets, resets, m, length - 1)
     h0 = state.initial_carry
     t0 = state.step
     pending = t0 % k1
@@ -260,14 +277,16 @@ def trainer(
 
     def forward(params, h, xs, resets, start, stop):
       sl = lambda a: a[start:stop]
-      return segment.forward(step_loss, params, h, tree_map(sl, xs), sl(resets), h0)
+      return segment.forward(
+          step_loss, params, h, tree_map(sl, xs), tree_map(sl, resets), h0
+      )
 
     def recomputed_window(params, anchor, starts, wx, wr, t):
       """The window re-run from its stored start with the current params."""
       if overlap:
         valid = (t - length + 1 + jnp.arange(length)) >= 1
         cx = tree_map(lambda a: a[length - k1:], wx)
-        cr = wr[length - k1:]
+        cr = tree_map(lambda a: a[length - k1:], wr)
         h_mid, _ = forward(params, anchor, cx, cr, 0, offset)
         h_end, _ = forward(params, h_mid, cx, cr, offset, k1)
         queue = _concat(starts, tree_map(lambda a: a[None], h_mid))
@@ -291,7 +310,8 @@ def trainer(
       """Backpropagation through the stored states of the window."""
       valid = (t - length + 1 + jnp.arange(length)) >= 1
       cx = tree_map(lambda a: a[length - k1:], wx)
-      h_end, hs = forward(params, anchor, cx, wr[length - k1:], 0, k1)
+      cr = tree_map(lambda a: a[length - k1:], wr)
+      h_end, hs = forward(params, anchor, cx, cr, 0, k1)
       prev = _concat(_concat(starts, tree_map(lambda a: a[None], anchor)),
                      tree_map(lambda a: a[:-1], hs))
       mask = jnp.asarray(inject) & valid
@@ -310,7 +330,7 @@ def trainer(
       first = j * k1 - pending - 1  # index of the window's first step
       t = t0 - pending + j * k1  # the update's end, a stream step
       wx = _dslice(all_x, first, length)
-      wr = lax.dynamic_slice_in_dim(all_r, first, length)
+      wr = tree_map(lambda a: lax.dynamic_slice_in_dim(a, first, length), all_r)
       if stored:
         (loss, grads), h_end, starts = stored_window(
             params, anchor, starts, wx, wr, t
@@ -353,34 +373,53 @@ def trainer(
       skip = lambda c, _: (c, tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
       return lax.cond(j * k1 - pending <= m, run_update, skip, carry, j)
 
-    init_carry = (
-        state.params, state.opt_state, hist.anchor, hist.starts,
-        state.num_skipped,
-    )
-    (params, opt_state, anchor, starts, n_skipped), metrics = lax.scan(
-        slot, init_carry, jnp.arange(1, n_slots + 1)
-    )
-
-    # The stream's current carry: the anchor advanced over the pending steps.
+    # The stream's current carry: the anchor after the last update advanced
+    # over the steps fed since (``left`` of them).
     left = (pending + m) % k1
-    if k1 > 1:
+
+    def current(params, anchor):
       tail_x = tree_map(lambda a: a[-(k1 - 1):], all_x)
-      tail_r = all_r[-(k1 - 1):]
+      tail_r = tree_map(lambda a: a[-(k1 - 1):], all_r)
       tail_valid = jnp.arange(k1 - 1) >= (k1 - 1 - left)
-      carry = lax.cond(
+      return lax.cond(
           left > 0,
           lambda: segment.forward(
               step_loss, params, anchor, tail_x, tail_r, h0, tail_valid
           )[0],
           lambda: anchor,
       )
-    else:
-      carry = anchor
+
+    def slot_and_carry(carry, j):
+      """A slot; after the last one, also the stream's current carry.
+
+      The current carry is made inside the loop, in a buffer the loop
+      carries, rather than after it: XLA:CPU may share a buffer defined
+      after the loop with the loop's temporaries, and a shared buffer
+      orders kernels that could otherwise run at once (measured: the
+      backward step's two matmuls, one after the other).
+      """
+      inner, stream = carry
+      inner, metrics = slot(inner, j)
+      params, _, anchor, _, _ = inner
+      if k1 == 1:  # no steps after the last update
+        return (inner, anchor), metrics
+      stream = lax.cond(
+          j == n_slots, lambda: current(params, anchor), lambda: stream
+      )
+      return (inner, stream), metrics
+
+    init_carry = (
+        state.params, state.opt_state, hist.anchor, hist.starts,
+        state.num_skipped,
+    )
+    ((params, opt_state, anchor, starts, n_skipped), carry), metrics = lax.scan(
+        slot_and_carry, (init_carry, state.carry), jnp.arange(1, n_slots + 1)
+    )
 
     keep_last = lambda a: a[a.shape[0] - (length - 1):]
     buffers = History(
         xs=tree_map(keep_last, all_x),
-        resets=keep_last(all_r),
+        resets=tree_map(keep_last, all_r),
         anchor=anchor,
         starts=starts,
     )
@@ -399,7 +438,7 @@ def trainer(
 
   def allocate(state, xs, resets):
     checks.time_length(xs)
-    shape = () if resets is None else jnp.shape(resets)[1:]
+    shape = None if resets is None else jnp.shape(resets)[1:]
     return state._replace(history=new_history(state, xs, shape))
 
   def update(state: TrainState, xs, resets=None):
