@@ -141,9 +141,9 @@ def test_resets_arriving_mid_stream(k1, k2, history, params):
   opt = optax.adam(0.05)
   tr = jbptt.trainer(step_loss, opt, k1=k1, k2=k2, history=history)
   state = tr.init(params, h)
-  state, first = tr.update(state, tree_map(lambda a: a[:7], xs))
+  state, _ = tr.update(state, tree_map(lambda a: a[:7], xs))
   assert state.history.resets is None
-  state, second = tr.update(state, tree_map(lambda a: a[7:], xs), resets[7:])
+  state, _ = tr.update(state, tree_map(lambda a: a[7:], xs), resets[7:])
   whole, _ = feed(tr, tr.init(params, h), xs, [7], resets)
   assert_trees_close(state.params, whole.params)
   assert_trees_close(state.carry, whole.carry)
