@@ -281,12 +281,15 @@ def trainer(
           step_loss, params, h, tree_map(sl, xs), tree_map(sl, resets), h0
       )
 
+    def newest(tree):
+      """The window's last ``k1`` steps: those fed since the last update."""
+      return tree_map(lambda a: a[length - k1:], tree)
+
     def recomputed_window(params, anchor, starts, wx, wr, t):
       """The window re-run from its stored start with the current params."""
       if overlap:
         valid = (t - length + 1 + jnp.arange(length)) >= 1
-        cx = tree_map(lambda a: a[length - k1:], wx)
-        cr = tree_map(lambda a: a[length - k1:], wr)
+        cx, cr = newest((wx, wr))
         h_mid, _ = forward(params, anchor, cx, cr, 0, offset)
         h_end, _ = forward(params, h_mid, cx, cr, offset, k1)
         queue = _concat(starts, tree_map(lambda a: a[None], h_mid))
@@ -309,8 +312,7 @@ def trainer(
     def stored_window(params, anchor, starts, wx, wr, t):
       """Backpropagation through the stored states of the window."""
       valid = (t - length + 1 + jnp.arange(length)) >= 1
-      cx = tree_map(lambda a: a[length - k1:], wx)
-      cr = tree_map(lambda a: a[length - k1:], wr)
+      cx, cr = newest((wx, wr))
       h_end, hs = forward(params, anchor, cx, cr, 0, k1)
       prev = _concat(_concat(starts, tree_map(lambda a: a[None], anchor)),
                      tree_map(lambda a: a[:-1], hs))
@@ -330,7 +332,7 @@ def trainer(
       first = j * k1 - pending - 1  # index of the window's first step
       t = t0 - pending + j * k1  # the update's end, a stream step
       wx = _dslice(all_x, first, length)
-      wr = tree_map(lambda a: lax.dynamic_slice_in_dim(a, first, length), all_r)
+      wr = _dslice(all_r, first, length)
       if stored:
         (loss, grads), h_end, starts = stored_window(
             params, anchor, starts, wx, wr, t
@@ -378,8 +380,7 @@ def trainer(
     left = (pending + m) % k1
 
     def current(params, anchor):
-      tail_x = tree_map(lambda a: a[-(k1 - 1):], all_x)
-      tail_r = tree_map(lambda a: a[-(k1 - 1):], all_r)
+      tail_x, tail_r = tree_map(lambda a: a[-(k1 - 1):], (all_x, all_r))
       tail_valid = jnp.arange(k1 - 1) >= (k1 - 1 - left)
       return lax.cond(
           left > 0,
