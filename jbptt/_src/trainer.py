@@ -93,6 +93,12 @@ def _concat(a, b):
   return tree_map(lambda u, v: jnp.concatenate([u, v]), a, b)
 
 
+def _copy(tree):
+  """The leaves copied, so that no two leaves of a state share a buffer
+  (a state can then be donated: ``jax.jit(update, donate_argnums=0)``)."""
+  return tree_map(jnp.copy, tree)
+
+
 def _dslice(tree, start, size):
   return tree_map(lambda a: lax.dynamic_slice_in_dim(a, start, size), tree)
 
@@ -235,7 +241,7 @@ def trainer(
         params=params,
         opt_state=optimizer.init(params),
         carry=carry,
-        initial_carry=carry,
+        initial_carry=_copy(carry),
         step=jnp.zeros((), jnp.int32),
         num_skipped=jnp.zeros((), jnp.int32),
         history=None,
@@ -253,7 +259,7 @@ def trainer(
         resets=None if reset_shape is None else jnp.zeros(
             (pad,) + reset_shape, bool
         ),
-        anchor=state.carry,
+        anchor=_copy(state.carry),
         starts=tree_map(
             lambda a: jnp.repeat(a[None], n_starts, axis=0), state.carry
         ) if overlap else None,
