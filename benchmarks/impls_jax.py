@@ -87,6 +87,19 @@ class TrainerRemat(Trainer):
     self.state = self.tr.init(params, carry)
 
 
+class TrainerUnrolled(Trainer):
+  """``jbptt.trainer(..., unroll=4)``: four steps per iteration of every
+  per-step loop."""
+
+  name = "jbptt.trainer (unroll=4)"
+
+  def __init__(self, case):
+    _, params, carry, step_loss = setup(case)
+    self.tr = jbptt.trainer(step_loss, optax.adam(LR), k1=case.k1, k2=case.k2,
+                            unroll=4)
+    self.state = self.tr.init(params, carry)
+
+
 class TrainerFedInChunks(Trainer):
   """``jbptt.trainer`` fed ``k1`` steps per ``update`` call, as a live
   stream arrives (run by the stream case, see ``run.impls_for``)."""
@@ -257,4 +270,5 @@ class FlaxLoop:
     _block(loss)
 
 
-IMPLS = [Trainer, TrainerStored, TruncatedLoss, ScanReference, FlaxLoop, FullBPTT]
+IMPLS = [Trainer, TrainerUnrolled, TrainerStored, TruncatedLoss, ScanReference,
+         FlaxLoop, FullBPTT]

@@ -1,5 +1,7 @@
 """Shared small models and helpers for the tests (float64 for exact checks)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,3 +85,14 @@ def x64():
 @pytest.fixture
 def params():
   return init_params()
+
+
+def assert_unrolled(jaxpr: str, unroll, n_loops: int = 0):
+  """Every scan in the printed ``jaxpr`` has ``unroll`` (``True``: its
+  length), except ``n_loops`` scans with unroll 1 (loops over windows)."""
+  lengths = [int(v) for v in re.findall(r"\blength=(\d+)", jaxpr)]
+  unrolls = [int(v) for v in re.findall(r"\bunroll=(\d+)", jaxpr)]
+  assert len(lengths) == len(unrolls) > n_loops
+  want = lambda n: n if unroll is True else unroll
+  others = [u for n, u in zip(lengths, unrolls) if u != want(n)]
+  assert others == [1] * n_loops, (lengths, unrolls)

@@ -19,8 +19,8 @@ def test_benchmark_smoke(tmp_path):
           "steps_per_s", "peak_mem_mb", "compile_s", "device"}
   assert rows and all(keys <= set(r) for r in rows)
   impls = {r["impl"] for r in rows}
-  assert {"jbptt.trainer", "jbptt.truncated_loss", "hand-written scan",
-          "Flax + Python loop", "full BPTT"} <= impls
+  assert {"jbptt.trainer", "jbptt.trainer (unroll=4)", "jbptt.truncated_loss",
+          "hand-written scan", "Flax + Python loop", "full BPTT"} <= impls
   assert {(r["k1"], r["k2"]) for r in rows if r["case"] == "lstm"} == {(8, 8), (4, 8)}
   assert {r["impl"] for r in rows if r["case"] == "memory"} == {
       "jbptt.trainer", "full BPTT"}

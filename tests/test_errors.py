@@ -45,6 +45,24 @@ def test_bad_policy(policy):
     jbptt.trainer(step_loss, optax.sgd(1), k1=2, k2=2, policy=policy)
 
 
+@pytest.mark.parametrize("option,value,message", [
+    ("unroll", 0, "unroll must be a positive int or a bool"),
+    ("unroll", 2.0, "unroll must be a positive int or a bool"),
+    ("unroll", None, "unroll must be a positive int or a bool"),
+    ("remat", "nothing", "remat must be None or a jax.checkpoint policy"),
+])
+def test_bad_options(option, value, message):
+  with pytest.raises(ValueError, match=message):
+    jbptt.truncated_loss(step_loss, k1=2, k2=3, **{option: value})
+  with pytest.raises(ValueError, match=message):
+    jbptt.trainer(step_loss, optax.sgd(1), k1=2, k2=3, **{option: value})
+
+
+def test_bad_history():
+  with pytest.raises(ValueError, match="history must be one of"):
+    jbptt.trainer(step_loss, optax.sgd(1), k1=2, k2=3, history="cached")
+
+
 def test_bad_optimizer():
   with pytest.raises(TypeError, match="optimizer must be an optax"):
     jbptt.trainer(step_loss, "adam", k1=2, k2=2)

@@ -12,6 +12,7 @@ from conftest import (
   CONFIGS,
   POLICIES,
   assert_trees_close,
+  assert_unrolled,
   carry0,
   data,
   max_diff,
@@ -235,3 +236,23 @@ def test_remat_gives_the_same_gradient(n, k1, k2, policy, params):
   assert_trees_close(g1, g2, atol=1e-12, rtol=1e-10)
   assert max_diff(g1, jax.grad(lambda p: jbptt.truncated_loss(step_loss, k1=n,
                   k2=n)(p, h, xs)[0])(params)) > 1e-6
+
+
+@pytest.mark.parametrize("n,k1,k2,policy,unroll", [
+    (9, 2, 5, "window", 3), (13, 4, 4, "new", 3), (7, 3, 2, "last", 2),
+    (6, 2, 9, "new", 4)])
+def test_unroll_gives_the_same_gradient(n, k1, k2, policy, unroll, params):
+  """unroll reaches the per-step scans; values and gradients are unchanged."""
+  xs, h = data(n), carry0()
+  resets = np.zeros((n, 2), bool)
+  resets[4, 0] = True
+  kw = dict(k1=k1, k2=k2, policy=policy)
+  plain = jbptt.truncated_loss(step_loss, **kw)
+  unrolled = jbptt.truncated_loss(step_loss, unroll=unroll, **kw)
+  vg = lambda f: jax.value_and_grad(
+      lambda p, xs: f(p, h, xs, resets=resets)[0], argnums=(0, 1))
+  (v1, g1), (v2, g2) = vg(plain)(params, xs), vg(unrolled)(params, xs)
+  np.testing.assert_allclose(v1, v2, rtol=1e-12)
+  assert_trees_close(g1, g2, atol=1e-12, rtol=1e-10)
+  jaxpr = jax.make_jaxpr(lambda p: unrolled(p, h, xs, resets=resets))(params)
+  assert_unrolled(str(jaxpr), unroll, n_loops=int(k1 >= k2 and n >= k1))

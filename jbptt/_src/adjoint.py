@@ -149,7 +149,7 @@ def _slots_vjp(pull, lam, seed_i, index):
 
 
 def backprop(fn, params, hs_prev, xs, resets, keep, seed, *,
-             sequential: bool = False):
+             sequential: bool = False, unroll: int | bool = 1):
   """Cotangents of params and xs for windows laid out by ``keep``/``seed``.
 
   Args:
@@ -163,6 +163,7 @@ def backprop(fn, params, hs_prev, xs, resets, keep, seed, *,
     seed: ``(L, m)`` loss cotangents, in the loss dtype.
     sequential: linearise each step inside the reverse pass (memory: the
       states only) instead of all at once before it.
+    unroll: steps per iteration of the reverse scan, passed to ``lax.scan``.
 
   Returns:
     ``(d_params, d_xs, losses)``: ``d_xs`` with ``float0`` leaves for
@@ -193,7 +194,8 @@ def backprop(fn, params, hs_prev, xs, resets, keep, seed, *,
       return (_where_rows(keep_i, d_h), d_p), (dfl, loss)
 
     (_, d_params), (d_floats, losses) = lax.scan(
-        body, (zero_lam, zero_p), (hs_prev, rows, keep, seed), reverse=True
+        body, (zero_lam, zero_p), (hs_prev, rows, keep, seed), reverse=True,
+        unroll=unroll,
     )
     return d_params, cotangent(d_floats), losses
 
@@ -225,7 +227,8 @@ def backprop(fn, params, hs_prev, xs, resets, keep, seed, *,
     d_h = _slots_vjp(pull, lam, seed_i, 0)
     return _where_rows(keep_i, d_h), tree_map(lambda a: a.sum(0), lam)
 
-  _, lam_sum = lax.scan(body, zero_lam, (stacked, keep, seed), reverse=True)
+  _, lam_sum = lax.scan(body, zero_lam, (stacked, keep, seed), reverse=True,
+                        unroll=unroll)
 
   def all_steps(p, fl):
     return jax.vmap(lambda h, fl, ot, r: step(p, h, fl, ot, r))(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 HISTORIES = ("recompute", "stored")
 
@@ -24,6 +25,19 @@ def check_remat(remat):
         f"jax.checkpoint_policies.nothing_saveable), got remat={remat!r}."
     )
   return remat
+
+
+def check_unroll(unroll):
+  """Returns ``unroll`` (a positive int or a bool, as ``lax.scan`` takes it)
+  or raises a ValueError."""
+  if isinstance(unroll, (bool, np.bool_)):
+    return bool(unroll)
+  if isinstance(unroll, (int, np.integer)) and unroll >= 1:
+    return int(unroll)
+  raise ValueError(
+      "unroll must be a positive int or a bool (as jax.lax.scan takes it), "
+      f"got unroll={unroll!r}."
+  )
 
 
 def rematted(step_loss, remat):

@@ -69,6 +69,7 @@ def segment_loss(
     *,
     n_own: int,
     inject: np.ndarray,
+    unroll: int | bool = 1,
 ):
   """Runs one truncated window and sums its injected losses.
 
@@ -83,6 +84,7 @@ def segment_loss(
     initial_carry: the carry a reset restores; held constant.
     n_own: the number of leading steps that see only their own step.
     inject: a static boolean ``(L,)``: the step losses that count.
+    unroll: steps per iteration of the scan, passed to ``lax.scan``.
 
   Returns:
     ``(loss_sum, final_carry)``: the sum of the counted step losses and the
@@ -98,7 +100,7 @@ def segment_loss(
         h = lax.stop_gradient(h)
       return masked_step(step_loss, p, h, *inp, initial_carry)
 
-    return lax.scan(body, h, _slice(inputs, start, stop))
+    return lax.scan(body, h, _slice(inputs, start, stop), unroll=unroll)
 
   h = lax.stop_gradient(carry)
   losses = []
@@ -120,7 +122,8 @@ def segment_loss(
   return loss_sum, h
 
 
-def forward(step_loss, params, carry, xs, resets, initial_carry, valid=None):
+def forward(step_loss, params, carry, xs, resets, initial_carry, valid=None,
+            unroll=1):
   """Runs the steps for their values only; returns every carry ``h_1..h_L``."""
   params = lax.stop_gradient(params)
 
@@ -128,4 +131,5 @@ def forward(step_loss, params, carry, xs, resets, initial_carry, valid=None):
     h, _ = masked_step(step_loss, params, h, *inp, initial_carry)
     return h, h
 
-  return lax.scan(body, lax.stop_gradient(carry), (xs, resets, valid))
+  return lax.scan(body, lax.stop_gradient(carry), (xs, resets, valid),
+                  unroll=unroll)

@@ -137,6 +137,7 @@ def trainer(
     policy: str = "new",
     history: str = "recompute",
     remat=None,
+    unroll: int | bool = 1,
 ) -> Trainer:
   """Online TBPTT(k1, k2): train on a stream fed in chunks of any length.
 
@@ -183,6 +184,12 @@ def trainer(
       of the window is wrapped in ``jax.checkpoint(step_loss, policy=remat)``;
       with ``"stored"`` each step is linearised inside the reverse pass
       instead of all at once. The result is the same.
+    unroll: steps per iteration of the per-step scans (the stream's advance,
+      the window's forward and reverse passes), passed to ``jax.lax.scan``:
+      a positive int, or ``True`` for fully unrolled loops. The result is the
+      same; for small cells (each step a few tiny kernels, e.g. online
+      training with batch 1) 4 to 8 can be faster, for large ones 1
+      (measured: README, Performance).
 
   Returns:
     A :class:`Trainer` with ``init(params, carry, xs=None, resets=None) ->
@@ -214,6 +221,7 @@ def trainer(
   k1, k2, policy = semantics.check_config(k1, k2, policy)
   stored = options.check_history(history) == "stored" and k1 < k2
   remat = options.check_remat(remat)
+  unroll = options.check_unroll(unroll)
   if not isinstance(optimizer, optax.GradientTransformation) and not (
       hasattr(optimizer, "init") and hasattr(optimizer, "update")
   ):
@@ -284,7 +292,8 @@ def trainer(
     def forward(params, h, xs, resets, start, stop):
       sl = lambda a: a[start:stop]
       return segment.forward(
-          step_loss, params, h, tree_map(sl, xs), tree_map(sl, resets), h0
+          step_loss, params, h, tree_map(sl, xs), tree_map(sl, resets), h0,
+          unroll=unroll,
       )
 
     def newest(tree):
@@ -308,7 +317,7 @@ def trainer(
       def objective(p):
         total, h = segment.segment_loss(
             window_step, p, start, wx, wr, valid, h0, n_own=n_own,
-            inject=inject,
+            inject=inject, unroll=unroll,
         )
         return total / count, h
 
@@ -328,7 +337,7 @@ def trainer(
       grads, _, losses = adjoint.backprop(
           lambda p, h, x, r: segment.masked_step(step_loss, p, h, x, r, None, h0),
           params, prev, wx, wr, keep[:, None], seed[:, None],
-          sequential=remat is not None,
+          sequential=remat is not None, unroll=unroll,
       )
       loss = jnp.sum(jnp.where(mask, losses, jnp.zeros_like(losses)) * seed)
       return (loss, grads), h_end, tree_map(lambda a: a[k1:], prev)
@@ -391,7 +400,8 @@ def trainer(
       return lax.cond(
           left > 0,
           lambda: segment.forward(
-              step_loss, params, anchor, tail_x, tail_r, h0, tail_valid
+              step_loss, params, anchor, tail_x, tail_r, h0, tail_valid,
+              unroll=unroll,
           )[0],
           lambda: anchor,
       )

@@ -26,7 +26,8 @@ def _take(tree, idx):
   return tree_map(lambda a: a[idx], tree)
 
 
-def _chunked(step_loss, params, carry, xs, resets, h0, n, k1, k2, policy):
+def _chunked(step_loss, params, carry, xs, resets, h0, n, k1, k2, policy,
+             unroll):
   """k1 >= k2: consecutive chunks, one scan, cost of plain BPTT."""
   q = n // k1
   total, count = 0.0, 0
@@ -42,7 +43,8 @@ def _chunked(step_loss, params, carry, xs, resets, h0, n, k1, k2, policy):
     def chunk(h, inp):
       xc, rc = inp
       loss_sum, h_end = segment.segment_loss(
-          step_loss, params, h, xc, rc, None, h0, n_own=n_own, inject=inject
+          step_loss, params, h, xc, rc, None, h0, n_own=n_own, inject=inject,
+          unroll=unroll,
       )
       return h_end, (loss_sum, h)
 
@@ -59,7 +61,7 @@ def _chunked(step_loss, params, carry, xs, resets, h0, n, k1, k2, policy):
     loss_sum, h = segment.segment_loss(
         step_loss, params, h, _take(xs, slice(b_tail, n)), rs, None, h0,
         n_own=_n_own(n, k2, b_tail),
-        inject=inject_mask(b_tail, n - b_tail, taus),
+        inject=inject_mask(b_tail, n - b_tail, taus), unroll=unroll,
     )
     total = total + loss_sum
     count += len(taus)
@@ -78,7 +80,7 @@ def overlap_windows(n: int, k1: int, k2: int, policy: str):
 
 
 def _overlapping(step_loss, params, carry, xs, resets, h0, n, k1, k2, policy,
-                 sequential):
+                 sequential, unroll):
   """k1 < k2: one forward pass, then every window's adjoint in one pass.
 
   With fixed params all overlapping windows run through the same states, so
@@ -96,7 +98,7 @@ def _overlapping(step_loss, params, carry, xs, resets, h0, n, k1, k2, policy,
       h, loss = step(params, h, *inp, h0)
       return h, (h, loss)
 
-    h, (hs, losses) = lax.scan(body, carry, (xs, resets))
+    h, (hs, losses) = lax.scan(body, carry, (xs, resets), unroll=unroll)
     total = jnp.sum(losses * jnp.asarray(weights, losses.dtype))
     return (total, h), hs
 
@@ -117,7 +119,7 @@ def _overlapping(step_loss, params, carry, xs, resets, h0, n, k1, k2, policy,
     d_params, d_xs, _ = adjoint.backprop(
         lambda p, h, x, r: step(p, h, x, r, h0), params, hs_prev, xs, resets,
         jnp.asarray(tables.keep), jnp.asarray(tables.seed, g.dtype) * g,
-        sequential=sequential,
+        sequential=sequential, unroll=unroll,
     )
     return d_params, None, d_xs, None, None
 
@@ -127,7 +129,8 @@ def _overlapping(step_loss, params, carry, xs, resets, h0, n, k1, k2, policy,
 
 
 def truncated_loss(
-    step_loss, *, k1: int, k2: int, policy: str = "new", remat=None
+    step_loss, *, k1: int, k2: int, policy: str = "new", remat=None,
+    unroll: int | bool = 1,
 ):
   """The TBPTT(k1, k2) loss of a whole sequence with fixed parameters.
 
@@ -164,6 +167,11 @@ def truncated_loss(
       rest); for ``k1 < k2`` each step is linearised inside the reverse pass
       instead of all at once before it (memory: the states only). Values and
       gradients are the same.
+    unroll: steps per iteration of the per-step scans (forward and reverse),
+      passed to ``jax.lax.scan``: a positive int, or ``True`` for a fully
+      unrolled loop. Values and gradients are the same; for small cells
+      (where each step is a few tiny kernels) 4 to 8 can be faster, for
+      large ones 1 (measured: README, Performance).
 
   Returns:
     ``f(params, carry, xs, *, resets=None, initial_carry=None) ->
@@ -179,8 +187,9 @@ def truncated_loss(
     ``xs`` do, integer ``xs`` get ``float0`` cotangents.
 
   Raises:
-    ValueError: for a bad ``k1``, ``k2``, ``policy`` or ``remat`` (at once), or ``xs``
-      leaves with different time lengths or bad ``resets`` (at trace time).
+    ValueError: for a bad ``k1``, ``k2``, ``policy``, ``remat`` or ``unroll``
+      (at once), or ``xs`` leaves with different time lengths or bad
+      ``resets`` (at trace time).
     TypeError: (at trace time) if ``step_loss`` changes the carry or returns
       a non-scalar loss.
 
@@ -199,6 +208,7 @@ def truncated_loss(
   """
   k1, k2, policy = semantics.check_config(k1, k2, policy)
   remat = options.check_remat(remat)
+  unroll = options.check_unroll(unroll)
 
   def loss_fn(params, carry, xs, *, resets=None, initial_carry=None):
     n = checks.time_length(xs)
@@ -218,12 +228,12 @@ def truncated_loss(
     if k1 >= k2:
       total, count, final = _chunked(
           options.rematted(step_loss, remat), params, carry, xs, resets, h0,
-          n, k1, k2, policy,
+          n, k1, k2, policy, unroll,
       )
     else:
       total, count, final = _overlapping(
           step_loss, params, carry, xs, resets, h0, n, k1, k2, policy,
-          sequential=remat is not None,
+          sequential=remat is not None, unroll=unroll,
       )
     return total / count, lax.stop_gradient(final)
 
