@@ -272,7 +272,7 @@ def test_unroll_changes_nothing(k1, k2, history, unroll, params):
   assert_trees_close(got.carry, want.carry, atol=1e-12, rtol=1e-12)
   np.testing.assert_allclose(got_losses, want_losses, rtol=1e-12)
   jaxpr = str(jax.make_jaxpr(unrolled.update)(got, xs, resets))
-  assert_unrolled(jaxpr, unroll, n_loops=1)  # the loop over updates: not
+  assert_unrolled(jaxpr, unroll, n_loops=1)  # the loop over updates is not
 
 
 STORED_CASES = [(n, k1, k2, "new") for n, k1, k2 in CONFIGS] + [
