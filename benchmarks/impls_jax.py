@@ -48,10 +48,12 @@ class Trainer:
   """``jbptt.trainer``: the stream flows across calls."""
 
   name = "jbptt.trainer"
+  options = {}  # the variants below pass their keyword options here
 
   def __init__(self, case):
     _, params, carry, step_loss = setup(case)
-    self.tr = jbptt.trainer(step_loss, optax.adam(LR), k1=case.k1, k2=case.k2)
+    self.tr = jbptt.trainer(step_loss, optax.adam(LR), k1=case.k1, k2=case.k2,
+                            **self.options)
     self.state = self.tr.init(params, carry)
 
   def run(self, xs, ys):
@@ -64,14 +66,12 @@ class TrainerStored(Trainer):
   default for k1 >= k2)."""
 
   name = "jbptt.trainer (stored)"
+  options = {"history": "stored"}
 
   def __init__(self, case):
     if case.k1 >= case.k2:
       raise NotImplementedError("the same as jbptt.trainer for k1 >= k2")
-    _, params, carry, step_loss = setup(case)
-    self.tr = jbptt.trainer(step_loss, optax.adam(LR), k1=case.k1, k2=case.k2,
-                            history="stored")
-    self.state = self.tr.init(params, carry)
+    super().__init__(case)
 
 
 class TrainerRemat(Trainer):
@@ -79,12 +79,7 @@ class TrainerRemat(Trainer):
   (run by the remat case only)."""
 
   name = "jbptt.trainer (remat)"
-
-  def __init__(self, case):
-    _, params, carry, step_loss = setup(case)
-    self.tr = jbptt.trainer(step_loss, optax.adam(LR), k1=case.k1, k2=case.k2,
-                            remat=jax.checkpoint_policies.nothing_saveable)
-    self.state = self.tr.init(params, carry)
+  options = {"remat": jax.checkpoint_policies.nothing_saveable}
 
 
 class TrainerUnrolled(Trainer):
@@ -92,12 +87,7 @@ class TrainerUnrolled(Trainer):
   per-step loop."""
 
   name = "jbptt.trainer (unroll=4)"
-
-  def __init__(self, case):
-    _, params, carry, step_loss = setup(case)
-    self.tr = jbptt.trainer(step_loss, optax.adam(LR), k1=case.k1, k2=case.k2,
-                            unroll=4)
-    self.state = self.tr.init(params, carry)
+  options = {"unroll": 4}
 
 
 class TrainerFedInChunks(Trainer):
