@@ -82,12 +82,21 @@ class TrainerRemat(Trainer):
   options = {"remat": jax.checkpoint_policies.nothing_saveable}
 
 
-class TrainerUnrolled(Trainer):
-  """``jbptt.trainer(..., unroll=4)``: four steps per iteration of every
-  per-step loop."""
+def unrolled(impl: type, unroll: int) -> type:
+  """``impl`` with ``unroll=unroll`` added to the options it passes to
+  jbptt: ``unroll`` steps per iteration of every per-step loop."""
+  if impl.name.endswith(")"):  # e.g. "jbptt.trainer (stored)"
+    name = f"{impl.name[:-1]}, unroll={unroll})"
+  else:
+    name = f"{impl.name} (unroll={unroll})"
+  return type(f"{impl.__name__}Unrolled{unroll}", (impl,), {
+      "__doc__": f"{impl.__doc__}\n\nWith unroll={unroll}.",
+      "name": name,
+      "options": {**impl.options, "unroll": unroll},
+  })
 
-  name = "jbptt.trainer (unroll=4)"
-  options = {"unroll": 4}
+
+TrainerUnrolled = unrolled(Trainer, 4)
 
 
 class TrainerFedInChunks(Trainer):
@@ -115,9 +124,11 @@ class _OneStepPerSequence:
   """One gradient of ``loss_fn(params, carry, (xs, ys)) -> (loss, carry)``
   over the whole sequence, then one Adam step."""
 
+  options = {}  # keyword options for ``loss_fn`` (see ``unrolled``)
+
   def __init__(self, case):
     _, self.params, self.carry, step_loss = setup(case)
-    loss_fn = self.loss_fn(step_loss, case)
+    loss_fn = self.loss_fn(step_loss, case, **self.options)
     opt = optax.adam(LR)
     self.opt_state = opt.init(self.params)
 
@@ -142,8 +153,8 @@ class TruncatedLoss(_OneStepPerSequence):
   name = "jbptt.truncated_loss"
 
   @staticmethod
-  def loss_fn(step_loss, case):
-    return jbptt.truncated_loss(step_loss, k1=case.k1, k2=case.k2)
+  def loss_fn(step_loss, case, **options):
+    return jbptt.truncated_loss(step_loss, k1=case.k1, k2=case.k2, **options)
 
 
 class FullBPTT(_OneStepPerSequence):
@@ -166,6 +177,7 @@ class ScanReference:
   an Adam step per chunk (k1 = k2 only): the zero-overhead reference."""
 
   name = "hand-written scan"
+  unroll = 1  # steps per iteration of the per-step scan
 
   def __init__(self, case):
     if case.k1 != case.k2:
@@ -177,7 +189,8 @@ class ScanReference:
 
     def chunk_loss(params, h, xc, yc):
       h, losses = jax.lax.scan(lambda h, x: step_loss(params, h, x),
-                               jax.lax.stop_gradient(h), (xc, yc))
+                               jax.lax.stop_gradient(h), (xc, yc),
+                               unroll=self.unroll)
       return jnp.mean(losses), h
 
     @jax.jit
@@ -201,6 +214,14 @@ class ScanReference:
     self.params, self.opt_state, self.carry, loss = self.step(
         self.params, self.opt_state, self.carry, xs, ys)
     _block(loss)
+
+
+class ScanReferenceUnrolled(ScanReference):
+  """The hand-written scan with ``unroll=4``: the reference for
+  ``jbptt.trainer(..., unroll=4)`` (run by the unroll case)."""
+
+  name = "hand-written scan (unroll=4)"
+  unroll = 4
 
 
 class FlaxLoop:
@@ -262,3 +283,11 @@ class FlaxLoop:
 
 IMPLS = [Trainer, TrainerUnrolled, TrainerStored, TruncatedLoss, ScanReference,
          FlaxLoop, FullBPTT]
+# The unroll case: the trainer at its default and at each unroll, the scan
+# at 1 and 4, stored history and truncated_loss at 1 and 8.
+UNROLL_IMPLS = (
+    [Trainer] + [unrolled(Trainer, u) for u in (1, 2, 4, 8, 16)]
+    + [ScanReference, ScanReferenceUnrolled]
+    + [unrolled(impl, u) for impl in (TrainerStored, TruncatedLoss)
+       for u in (1, 8)]
+)

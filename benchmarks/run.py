@@ -54,6 +54,7 @@ def cases(mode: str) -> dict[str, list[Case]]:
     return {
         "lstm": [Case("lstm", 2, 3, 8, 32, 8, 8), Case("lstm", 2, 3, 8, 32, 4, 8)],
         "stream": [Case("stream", 1, 3, 8, 16, 4, 8)],
+        "unroll": [Case("unroll", 2, 3, 8, 32, 8, 8)],
         "memory": [],
         "remat": [],
         "devices": [],
@@ -68,6 +69,9 @@ def cases(mode: str) -> dict[str, list[Case]]:
                  Case("stream", 1, 4, 32, 512, 1, 16)],
       "k2-sweep": [Case("k2-sweep", 32, 16, 128, n_big // 2, 8, k2)
                    for k2 in (8, 16, 32, 64)],
+      "unroll": [Case("unroll", 32, 16, 128, n_big, 32, 32),
+                 Case("unroll", 32, 16, 128, n_big, 8, 32),
+                 Case("unroll", 1, 4, 32, 512, 4, 16)],
       "memory": [],  # run by memory_case
       "remat": [],  # run by remat_case
       "devices": [],  # run by devices_case
@@ -90,9 +94,12 @@ def data(case: Case, seed: int = 0):
 
 def impls_for(case: Case):
   """The implementations a case compares (the stream case: the trainer fed
-  the whole sequence in one call against ``k1`` steps per call)."""
+  the whole sequence in one call against ``k1`` steps per call; the unroll
+  case: the trainer at each ``unroll`` against the hand-written scan's)."""
   if case.name == "stream":
     return [impls_jax.Trainer, impls_jax.TrainerFedInChunks]
+  if case.name == "unroll":
+    return impls_jax.UNROLL_IMPLS
   return impls_jax.IMPLS + impls_torch.IMPLS
 
 
@@ -409,7 +416,9 @@ def main(argv=None):
   mode.add_argument("--smoke", action="store_true", help="tiny, seconds (CI)")
   parser.add_argument("--out", default="bench-out")
   parser.add_argument("--cases", nargs="*",
-                      help="lstm, online, stream, k2-sweep, memory, remat, devices")
+                      help="lstm, online, stream, k2-sweep, memory, remat, devices; "
+                      "unroll (the trainer at unroll 1 to 16, run only when "
+                      "named)")
   parser.add_argument("--repeats", type=int)
   parser.add_argument("--_memprobe", nargs=3, help=argparse.SUPPRESS)
   parser.add_argument("--_devprobe", nargs=3, help=argparse.SUPPRESS)
@@ -429,8 +438,9 @@ def main(argv=None):
     return 0
   level = "smoke" if args.smoke else "quick" if args.quick else "full"
   groups = cases(level)
-  wanted = args.cases or [g for g in groups
-                          if not (level == "smoke" and g in ("devices", "remat"))]
+  # The unroll sweep compiles 12 programs per case: asked for by name only.
+  wanted = args.cases or [g for g in groups if g != "unroll" and not (
+      level == "smoke" and g in ("devices", "remat"))]
   unknown = [c for c in wanted if c not in groups]
   if unknown:
     parser.error(f"unknown case(s) {unknown}; choose from {list(groups)}")

@@ -46,9 +46,9 @@ def test_bad_policy(policy):
 
 
 @pytest.mark.parametrize("option,value,message", [
-    ("unroll", 0, "unroll must be a positive int or a bool"),
-    ("unroll", 2.0, "unroll must be a positive int or a bool"),
-    ("unroll", None, "unroll must be a positive int or a bool"),
+    ("unroll", 0, "unroll must be None, a positive int or a bool"),
+    ("unroll", 2.0, "unroll must be None, a positive int or a bool"),
+    ("unroll", "auto", "unroll must be None, a positive int or a bool"),
     ("remat", "nothing", "remat must be None or a jax.checkpoint policy"),
 ])
 def test_bad_options(option, value, message):

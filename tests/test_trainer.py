@@ -262,7 +262,7 @@ def test_unroll_changes_nothing(k1, k2, history, unroll, params):
   resets = np.zeros((n, 2), bool)
   resets[8, 1] = True
   kw = dict(k1=k1, k2=k2, history=history)
-  tr = jbptt.trainer(step_loss, optax.adam(0.05), **kw)
+  tr = jbptt.trainer(step_loss, optax.adam(0.05), unroll=1, **kw)
   unrolled = jbptt.trainer(step_loss, optax.adam(0.05), unroll=unroll, **kw)
   want, want_losses = feed(tr, tr.init(params, h), xs, [6], resets)
   got, got_losses = feed(unrolled, unrolled.init(params, h), xs, [6], resets)
@@ -271,6 +271,20 @@ def test_unroll_changes_nothing(k1, k2, history, unroll, params):
   np.testing.assert_allclose(got_losses, want_losses, rtol=1e-12)
   jaxpr = str(jax.make_jaxpr(unrolled.update)(got, xs, resets))
   assert_unrolled(jaxpr, unroll, n_loops=1)  # the loop over updates is not
+
+
+@pytest.mark.parametrize("backend,want", [("gpu", 8), ("cpu", 1), ("tpu", 1)])
+@pytest.mark.parametrize("history", ["recompute", "stored"])
+def test_default_unroll_follows_the_backend(backend, want, history, params,
+                                            monkeypatch):
+  """unroll=None (the default) is 8 on a GPU and 1 elsewhere, read from JAX's
+  default backend when update is traced."""
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  tr = jbptt.trainer(step_loss, optax.adam(0.05), k1=2, k2=5, history=history)
+  xs = data(13)
+  state = tr.init(params, carry0(), xs)
+  jaxpr = str(jax.make_jaxpr(tr.update)(state, xs))
+  assert_unrolled(jaxpr, want, n_loops=int(want != 1))  # + the update loop
 
 
 STORED_CASES = [(n, k1, k2, "new") for n, k1, k2 in CONFIGS] + [

@@ -247,7 +247,7 @@ def test_unroll_gives_the_same_gradient(n, k1, k2, policy, unroll, params):
   resets = np.zeros((n, 2), bool)
   resets[4, 0] = True
   kw = dict(k1=k1, k2=k2, policy=policy)
-  plain = jbptt.truncated_loss(step_loss, **kw)
+  plain = jbptt.truncated_loss(step_loss, unroll=1, **kw)
   unrolled = jbptt.truncated_loss(step_loss, unroll=unroll, **kw)
   vg = lambda f: jax.value_and_grad(
       lambda p, xs: f(p, h, xs, resets=resets)[0], argnums=(0, 1))
@@ -256,3 +256,17 @@ def test_unroll_gives_the_same_gradient(n, k1, k2, policy, unroll, params):
   assert_trees_close(g1, g2, atol=1e-12, rtol=1e-10)
   jaxpr = jax.make_jaxpr(lambda p: unrolled(p, h, xs, resets=resets))(params)
   assert_unrolled(str(jaxpr), unroll, n_loops=int(k1 >= k2 and n >= k1))
+
+
+@pytest.mark.parametrize("backend,want", [("gpu", 8), ("cpu", 1)])
+@pytest.mark.parametrize("k1,k2", [(2, 5), (4, 4)])
+def test_default_unroll_follows_the_backend(backend, want, k1, k2, params,
+                                            monkeypatch):
+  """unroll=None (the default) is 8 on a GPU and 1 elsewhere, read from JAX's
+  default backend when the loss is traced."""
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  f = jbptt.truncated_loss(step_loss, k1=k1, k2=k2)
+  xs, h = data(13), carry0()
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p: f(p, h, xs)[0]))(params)
+  # For k1 >= k2 the loop over chunks, and its transpose, keep unroll 1.
+  assert_unrolled(str(jaxpr), want, n_loops=2 * int(k1 >= k2 and want != 1))

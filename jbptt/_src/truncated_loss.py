@@ -130,7 +130,7 @@ def _overlapping(step_loss, params, carry, xs, resets, h0, n, k1, k2, policy,
 
 def truncated_loss(
     step_loss, *, k1: int, k2: int, policy: str = "new", remat=None,
-    unroll: int | bool = 1,
+    unroll: int | bool | None = None,
 ):
   """The TBPTT(k1, k2) loss of a whole sequence with fixed parameters.
 
@@ -168,10 +168,12 @@ def truncated_loss(
       instead of all at once before it (memory: the states only). Values and
       gradients are the same.
     unroll: steps per iteration of the per-step scans (forward and reverse),
-      passed to ``jax.lax.scan``: a positive int, or ``True`` for a fully
-      unrolled loop. Values and gradients are the same; for small cells
-      (where each step is a few tiny kernels) 4 to 8 can be faster, for
-      large ones 1 (measured: README, Performance).
+      passed to ``jax.lax.scan``: a positive int, ``True`` for a fully
+      unrolled loop, or ``None`` (the default) for 8 when JAX's default
+      backend is a GPU and 1 otherwise (read when the loss is traced).
+      Values and gradients are the same; on a CPU, for small cells (where
+      each step is a few tiny kernels) 4 to 8 can be faster, for large ones
+      1 (measured: README, Performance).
 
   Returns:
     ``f(params, carry, xs, *, resets=None, initial_carry=None) ->
@@ -208,9 +210,10 @@ def truncated_loss(
   """
   k1, k2, policy = semantics.check_config(k1, k2, policy)
   remat = options.check_remat(remat)
-  unroll = options.check_unroll(unroll)
+  unroll_option = options.check_unroll(unroll)
 
   def loss_fn(params, carry, xs, *, resets=None, initial_carry=None):
+    unroll = options.resolved_unroll(unroll_option)
     n = checks.time_length(xs)
     carry = checks.as_arrays(carry)
     h0 = carry if initial_carry is None else checks.as_arrays(initial_carry)
