@@ -254,7 +254,8 @@ def test_state_can_be_donated(k1, k2, history, params):
 
 @pytest.mark.parametrize("k1,k2,history,unroll", [
     (3, 3, "recompute", 2), (2, 5, "recompute", 3), (2, 5, "stored", 3),
-    (5, 2, "recompute", True), (1, 4, "stored", True)])
+    (5, 2, "recompute", True), (1, 4, "stored", True),
+    (2, 5, "recompute", 8)])  # 8: the default on a GPU
 def test_unroll_changes_nothing(k1, k2, history, unroll, params):
   """unroll reaches the per-step scans and leaves the result as it was."""
   n = 13

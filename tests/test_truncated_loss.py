@@ -240,7 +240,8 @@ def test_remat_gives_the_same_gradient(n, k1, k2, policy, params):
 
 @pytest.mark.parametrize("n,k1,k2,policy,unroll", [
     (9, 2, 5, "window", 3), (13, 4, 4, "new", 3), (7, 3, 2, "last", 2),
-    (6, 2, 9, "new", 4)])
+    (6, 2, 9, "new", 4), (13, 2, 5, "window", 8),
+    (13, 4, 4, "new", 8)])  # 8: the default on a GPU
 def test_unroll_gives_the_same_gradient(n, k1, k2, policy, unroll, params):
   """unroll reaches the per-step scans; values and gradients are unchanged."""
   xs, h = data(n), carry0()
