@@ -83,8 +83,8 @@ class TrainerRemat(Trainer):
 
 
 def unrolled(impl: type, unroll: int) -> type:
-  """``impl`` with ``unroll=unroll`` added to the options it passes to
-  jbptt: ``unroll`` steps per iteration of every per-step loop."""
+  """``impl`` with ``unroll=unroll`` added to its keyword ``options``:
+  ``unroll`` steps per iteration of every per-step loop."""
   if impl.name.endswith(")"):  # e.g. "jbptt.trainer (stored)"
     name = f"{impl.name[:-1]}, unroll={unroll})"
   else:
@@ -177,7 +177,7 @@ class ScanReference:
   an Adam step per chunk (k1 = k2 only): the zero-overhead reference."""
 
   name = "hand-written scan"
-  unroll = 1  # steps per iteration of the per-step scan
+  options = {}  # "unroll": steps per iteration of the scan (see ``unrolled``)
 
   def __init__(self, case):
     if case.k1 != case.k2:
@@ -190,7 +190,7 @@ class ScanReference:
     def chunk_loss(params, h, xc, yc):
       h, losses = jax.lax.scan(lambda h, x: step_loss(params, h, x),
                                jax.lax.stop_gradient(h), (xc, yc),
-                               unroll=self.unroll)
+                               unroll=self.options.get("unroll", 1))
       return jnp.mean(losses), h
 
     @jax.jit
@@ -216,12 +216,8 @@ class ScanReference:
     _block(loss)
 
 
-class ScanReferenceUnrolled(ScanReference):
-  """The hand-written scan with ``unroll=4``: the reference for
-  ``jbptt.trainer(..., unroll=4)`` (run by the unroll case)."""
-
-  name = "hand-written scan (unroll=4)"
-  unroll = 4
+# The reference for jbptt.trainer(..., unroll=4) (run by the unroll case).
+ScanReferenceUnrolled = unrolled(ScanReference, 4)
 
 
 class FlaxLoop:

@@ -89,10 +89,12 @@ def params():
 
 def assert_unrolled(jaxpr: str, unroll, n_loops: int = 0):
   """Every scan in the printed ``jaxpr`` has ``unroll`` (``True``: its
-  length), except ``n_loops`` scans with unroll 1 (loops over windows)."""
+  length), except ``n_loops`` scans with unroll 1 (loops over windows; for
+  ``unroll == 1`` every scan, those loops included, has 1)."""
   lengths = [int(v) for v in re.findall(r"\blength=(\d+)", jaxpr)]
   unrolls = [int(v) for v in re.findall(r"\bunroll=(\d+)", jaxpr)]
   assert len(lengths) == len(unrolls) > n_loops
   want = lambda n: n if unroll is True else unroll
   others = [u for n, u in zip(lengths, unrolls) if u != want(n)]
-  assert others == [1] * n_loops, (lengths, unrolls)
+  loops = 0 if unroll is not True and unroll == 1 else n_loops
+  assert others == [1] * loops, (lengths, unrolls)

@@ -65,7 +65,7 @@ def test_unroll_case_runs_each_unroll(monkeypatch):
   case = Case("unroll", 2, 3, 8, 16, 4, 4)
   impls = impls_for(case)
   assert len({i.name for i in impls}) == len(impls) == 12
-  assert [i.unroll for i in impls[6:8]] == [1, 4]
+  assert [i.options.get("unroll", 1) for i in impls[6:8]] == [1, 4]
   seen = []
 
   def spy(make):
