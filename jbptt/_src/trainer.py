@@ -188,9 +188,9 @@ def trainer(
       the window's forward and reverse passes), passed to ``jax.lax.scan``:
       a positive int, ``True`` for fully unrolled loops, or ``None`` (the
       default) for 8 when JAX's default backend is a GPU and 1 otherwise
-      (read when ``update`` is traced). The result is the same. On a GPU 8
-      ran about twice as fast as 1; on a CPU 1 suits large cells and 4 to 8
-      can be faster for small ones (each step a few tiny kernels, e.g.
+      (read when ``update`` is traced). The result is the same. On an H100
+      GPU 8 ran about twice as fast as 1; on a 2-core CPU 1 suits large cells
+      and 4 to 8 can be faster for small ones (each step a few tiny kernels, e.g.
       online training with batch 1) (measured: README, Performance).
 
   Returns:
