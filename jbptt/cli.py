@@ -195,7 +195,7 @@ def _run(progress, task, config, args, **kwargs):
                           else config.label, total=args.steps)
   return experiment.run(
       task, config, steps=args.steps, batch=args.batch, hidden=args.hidden,
-      lr=args.lr, cell=args.cell, seed=args.seed,
+      lr=args.lr, cell=args.cell, seed=args.seed, unroll=args.unroll,
       on_progress=lambda k: progress.advance(bar, k), **kwargs)
 
 
@@ -368,6 +368,11 @@ def parser() -> argparse.ArgumentParser:
                    "(default: 0.01)")
     q.add_argument("--cell", choices=["lstm", "gru", "mgu", "simple"],
                    default=d("lstm"), help="(default: lstm)")
+    # Not a setting of the run: it changes the speed, never the result, so a
+    # resumed run may choose another.
+    q.add_argument("--unroll", type=_positive("--unroll"), default=None,
+                   help="steps per iteration of the per-step loops; changes "
+                   "the speed, not the result (default: 8 on a GPU, else 1)")
 
   q = sub.add_parser("compare", help="the canonical configurations side by side")
   q.add_argument("--task", default="recall", help="recall, adding or mackey-glass")

@@ -159,11 +159,11 @@ def evaluate(task: Task, model, params, config: Config, batch: int, seed: int,
   return loss, accuracy
 
 
-def _trainer(task: Task, model, config: Config, lr: float):
+def _trainer(task: Task, model, config: Config, lr: float, unroll=None):
   step_loss = jbptt.cell_loss(jf.linen_cell(model), _loss_fn(task))
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
   return jbptt.trainer(step_loss, optimizer, k1=config.k1, k2=config.k2,
-                       policy=config.policy)
+                       policy=config.policy, unroll=unroll)
 
 
 def template(task: Task, config: Config, *, batch: int = 32, hidden: int = 64,
@@ -186,6 +186,7 @@ def run(
     lr: float = 1e-2,
     cell: str = "lstm",
     seed: int = 0,
+    unroll: int | None = None,
     on_progress: Callable[[int], None] | None = None,
     resume: tuple[Any, dict] | None = None,
     on_chunk: Callable[[Any, dict], None] | None = None,
@@ -196,10 +197,11 @@ def run(
   ``on_chunk(state, progress)`` is called after each (``progress``: a
   JSON-able dict of the updates, training seconds and learning curve so
   far); ``resume=(state, progress)`` continues a run from such a point, and
-  gives the params an uninterrupted run would have.
+  gives the params an uninterrupted run would have. ``unroll`` is passed to
+  ``jbptt.trainer`` (``None``: its default).
   """
   model, params, carry = build(task, cell, hidden, batch, seed)
-  tr = _trainer(task, model, config, lr)
+  tr = _trainer(task, model, config, lr, unroll)
   inputs, targets = task.sample(seed + 1, steps, batch)
   if resume is None:
     state, progress = tr.init(params, carry), {

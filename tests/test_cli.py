@@ -94,6 +94,32 @@ def test_resume_continues_exactly(tmp_path):
   assert resumed["final_loss"] == whole["final_loss"]
 
 
+def test_unroll_reaches_the_trainer(tmp_path, monkeypatch):
+  """`--unroll` is passed to `jbptt.trainer`, not saved, and free on resume."""
+  seen = []
+  trainer = jbptt.trainer
+
+  def spy(*args, **kwargs):
+    seen.append(kwargs["unroll"])
+    return trainer(*args, **kwargs)
+
+  monkeypatch.setattr(jbptt, "trainer", spy)
+  out = tmp_path / "run"
+  with jax.enable_x64(False):  # as the command runs
+    assert cli.main(["train", "--task", "recall", "--k1", "4", "--k2", "4",
+                     "--out", str(out), "--unroll", "4", "--steps", "16",
+                     "--batch", "2", "--hidden", "4"]) == 0
+    assert seen == [4]
+    assert "unroll" not in checkpoint.read_info(out / "checkpoints")["run"]
+    shutil.rmtree(out / "checkpoints" / "16")
+    assert cli.main(["train", "--resume", str(out), "--unroll", "2"]) == 0
+    assert seen[1:] == [None, 2]  # the restore template, then the run
+    assert checkpoint.latest_step(out / "checkpoints") == 16
+  # `compare` runs its configurations through the same `_run`.
+  assert cli.parser().parse_args(["compare", "--unroll", "3"]).unroll == 3
+  assert cli.parser().parse_args(["compare"]).unroll is None
+
+
 def test_resume_errors(tmp_path):
   r = jbptt_cmd("train", "--resume", str(tmp_path / "none"), timeout=120)
   assert r.returncode == 2 and "no checkpoint in" in r.stderr
@@ -163,6 +189,9 @@ def test_diagram_k1_greater_than_k2():
     (["schedule", "--n", "5", "--k1", "0", "--k2", "1"], "--k1 must be >= 1"),
     (["schedule", "--n", "500", "--k1", "2", "--k2", "2"], "too long to draw"),
     (["compare", "--steps", "0"], "--steps must be >= 1"),
+    (["compare", "--unroll", "0"], "--unroll must be >= 1"),
+    (["train", "--task", "recall", "--k1", "2", "--k2", "2", "--unroll", "2.5"],
+     "--unroll must be an integer"),
     (["train", "--k1", "2", "--k2", "2"], "one of --task or --data is required"),
     (["train", "--task", "recall", "--k2", "2"], "--k1 is required"),
 ])
