@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -420,9 +421,29 @@ def _quiet_closed_loop(hook):
   return quiet
 
 
+def _not_a_failed_read(record: logging.LogRecord) -> bool:
+  """A filter of asyncio's log that drops orbax's unretrieved read errors.
+
+  When orbax fails to read a damaged checkpoint, its other reads in flight
+  fail too; asyncio logs each as "Task exception was never retrieved", with a
+  traceback, when it is garbage collected. The command has already said what
+  is wrong, so these are not shown; any other record passes.
+  """
+  if "exception was never retrieved" not in record.getMessage().split("\n")[0]:
+    return True
+  exc = record.exc_info[1] if record.exc_info else None
+  tb = exc.__traceback__ if exc is not None else None
+  while tb is not None:
+    if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+      return False
+    tb = tb.tb_next
+  return True
+
+
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
   sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
+  logging.getLogger("asyncio").addFilter(_not_a_failed_read)
   try:
     return args.run(args)
   except UsageError as e:

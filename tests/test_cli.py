@@ -1,6 +1,9 @@
 """The ``jbptt`` command end to end in a subprocess, and every bad input."""
 
+import asyncio
+import gc
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -139,6 +142,40 @@ def test_resume_errors(tmp_path):
   r = jbptt_cmd("train", "--resume", str(out), timeout=120)
   assert r.returncode == 2 and "is corrupt or incomplete" in r.stderr
   assert "Traceback" not in r.stderr
+
+
+def _leave_unretrieved(coro):
+  """Runs ``coro`` to its exception, never retrieved, and drops the task."""
+  loop = asyncio.new_event_loop()
+  task = loop.create_task(coro)
+  loop.run_until_complete(asyncio.wait([task]))
+  loop.close()
+  del task
+  gc.collect()  # asyncio logs the exception when the task is collected
+
+
+def test_unretrieved_checkpoint_reads_are_not_logged(caplog):
+  """After a failed restore, orbax's other failed reads are not logged."""
+  orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "x.py")
+  namespace = {}
+  exec(compile("async def read():\n  raise ValueError('OUT_OF_RANGE')\n",
+               orbax_file, "exec"), namespace)
+
+  async def elsewhere():
+    raise ValueError("not a checkpoint read")
+
+  logger = logging.getLogger("asyncio")
+  try:
+    assert cli.main(["schedule", "--n", "4", "--k1", "2", "--k2", "2"]) == 0
+    assert cli._not_a_failed_read in logger.filters
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+      _leave_unretrieved(namespace["read"]())
+      _leave_unretrieved(elsewhere())
+  finally:
+    logger.removeFilter(cli._not_a_failed_read)
+  (record,) = [r for r in caplog.records if r.name == "asyncio"]
+  assert "exception was never retrieved" in record.getMessage()
+  assert str(record.exc_info[1]) == "not a checkpoint read"
 
 
 @pytest.mark.parametrize("kind", ["text", "csv", "npy"])
