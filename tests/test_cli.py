@@ -1,4 +1,4 @@
-"""The ``jbptt`` command end to end in a subprocess, and every bad input."""
+"""The ``jbptt`` command end to end (a subprocess or ``cli.main``), bad input."""
 
 import asyncio
 import gc
