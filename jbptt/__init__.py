@@ -1,21 +1,28 @@
 """jbptt: truncated backpropagation through time, TBPTT(k1, k2), in JAX."""
 
+from jbptt._src.diagram import schedule_diagram
+from jbptt._src.gradient import Recompute, StoredStates
 from jbptt._src.semantics import Update, schedule
+from jbptt._src.steps import CellLoss, WeightedLoss, cell_loss
 from jbptt._src.trainer import Metrics, Trainer, TrainState, trainer
 from jbptt._src.truncated_loss import truncated_loss
-from jbptt._src.unroll import cell_loss, truncated_unroll, unroll
+from jbptt._src.unroll import truncated_unroll
 
-__version__ = "0.1.0"
+__version__ = "1.0.0"
 
 __all__ = (
+    "CellLoss",
     "Metrics",
+    "Recompute",
+    "StoredStates",
     "TrainState",
     "Trainer",
     "Update",
+    "WeightedLoss",
     "cell_loss",
     "schedule",
+    "schedule_diagram",
     "trainer",
     "truncated_loss",
     "truncated_unroll",
-    "unroll",
 )

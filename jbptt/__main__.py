@@ -2,7 +2,9 @@
 
 import sys
 
-from jbptt.cli import main
+from jbptt._cli.main import main
+
+__all__ = ()
 
 if __name__ == "__main__":
   sys.exit(main())

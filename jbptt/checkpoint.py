@@ -10,23 +10,31 @@ exactly the params an uninterrupted run would have.
 
 Guarantees:
 
-* Writes are atomic: orbax writes into a temporary folder and renames it when
-  complete; an interrupted save leaves the previous checkpoints as they were
-  and is never read back.
-* A checkpoint records, for every leaf, its path in the state, shape, dtype
-  and a SHA-256 of its bytes. :func:`restore` compares paths, shapes and
-  dtypes against the template *before* reading any array, and the checksums
-  after; a corrupt, truncated or mismatched checkpoint raises
-  :class:`CheckpointError` naming what does not match. Nothing is returned
-  but a complete state.
+* Writes are atomic: orbax writes the arrays into a temporary folder and
+  renames it when complete; then the checkpoint's manifest, ``jbptt.json``,
+  is written (to a temporary file, renamed). A checkpoint is complete when
+  its manifest is there: an interrupted save leaves the previous checkpoints
+  as they were and is never read back, and the checkpoints beyond ``keep``
+  are deleted only once the new one is complete.
+* The manifest records, for every leaf, its path in the state, shape, dtype
+  and a SHA-256 of its bytes, and, for every file of the checkpoint, its size
+  and SHA-256. :func:`restore` compares paths, shapes and dtypes against the
+  template, then every file's size and checksum, *before orbax reads any
+  array*, and the leaves' checksums after; a corrupt, truncated or
+  mismatched checkpoint raises one :class:`CheckpointError` naming what does
+  not match, and leaves nothing running behind it. Nothing is returned but a
+  complete state.
 * ``info`` (a JSON-able dict, e.g. the run's ``k1``, ``k2`` and data) is
   stored with the state; ``restore(..., info=...)`` checks it.
 
-The template must have the checkpoint's structure: a state whose history
-buffers are allocated, e.g. ``trainer.init(params, carry, xs, resets)`` with a
-chunk of the stream (see :func:`jbptt.trainer`), or any state after an
-``update``. Sharded templates (see :mod:`jbptt.sharding`) are restored with
-their shardings, on one host or many.
+The template must have the checkpoint's structure: a state from
+``trainer.init(params, carry, xs, resets)`` (see :func:`jbptt.trainer`), or
+any state after an ``update``. Sharded templates (see :mod:`jbptt.sharding`)
+are restored with their shardings, on one host or many (each host checks
+every file).
+
+Checkpoints written by jbptt before 1.0 (format ``jbptt.checkpoint/1``, with
+no ``jbptt.json``) are refused with a :class:`CheckpointError` that says so.
 
 Examples:
   >>> import tempfile, jax.numpy as jnp, optax, jbptt, jbptt.checkpoint
@@ -35,7 +43,8 @@ Examples:
   ...   return h, (h - 0.5) ** 2
   >>> tr = jbptt.trainer(step_loss, optax.adam(0.1), k1=4, k2=8)
   >>> xs = jnp.linspace(0.0, 1.0, 10)
-  >>> state, _ = tr.update(tr.init(jnp.float32(0.3), jnp.float32(0.0)), xs[:6])
+  >>> state = tr.init(jnp.float32(0.3), jnp.float32(0.0), xs)
+  >>> state, _ = tr.update(state, xs[:6])
   >>> root = tempfile.mkdtemp()
   >>> path = jbptt.checkpoint.save(root, state, info={"k1": 4, "k2": 8})
   >>> like = tr.init(jnp.float32(0.0), jnp.float32(0.0), xs)
@@ -45,13 +54,14 @@ Examples:
 
 References:
   orbax-checkpoint, https://orbax.readthedocs.io (CheckpointManager,
-  StandardSave / StandardRestore, JsonSave).
+  StandardSave / StandardRestore).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -63,7 +73,10 @@ from jbptt._src.trainer import TrainState
 
 __all__ = ("CheckpointError", "latest_step", "read_info", "restore", "save")
 
-FORMAT = "jbptt.checkpoint/1"
+FORMAT = "jbptt.checkpoint/2"
+_OLD_FORMATS = ("jbptt.checkpoint/1",)
+_MANIFEST = "jbptt.json"
+_ARRAYS = "state"
 _MAX_LISTED = 6
 
 
@@ -77,10 +90,10 @@ def _ocp():
   return ocp
 
 
-def _manager(directory, *, keep: int | None = None, create: bool = False):
+def _manager(directory, *, create: bool = False):
   ocp = _ocp()
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=create, enable_async_checkpointing=False
+      create=create, enable_async_checkpointing=False
   )
   return ocp.CheckpointManager(
       pathlib.Path(directory).absolute(), options=options
@@ -110,8 +123,47 @@ def _digest(leaf) -> str | None:
   return hashlib.sha256(data.tobytes()).hexdigest()
 
 
+def _file_digest(path: pathlib.Path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _files(step_dir: pathlib.Path) -> dict[str, dict]:
+  """Size and SHA-256 of every file orbax wrote for a checkpoint."""
+  return {
+      p.relative_to(step_dir).as_posix(): {
+          "size": p.stat().st_size, "sha256": _file_digest(p)}
+      for p in sorted(step_dir.rglob("*"))
+      if p.is_file() and not p.name.startswith(_MANIFEST)
+  }
+
+
+def _write_manifest(step_dir: pathlib.Path, manifest: dict) -> None:
+  """Writes ``jbptt.json`` atomically: a temporary file, synced, renamed."""
+  tmp = step_dir / f"{_MANIFEST}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(manifest, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, step_dir / _MANIFEST)
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
 def _key(i: int) -> str:
   return f"leaf_{i:05d}"
+
+
+def _complete(root: pathlib.Path, steps) -> list[int]:
+  return sorted(s for s in steps if (root / str(s) / _MANIFEST).is_file())
 
 
 def save(directory, state: TrainState, *, info: dict | None = None,
@@ -122,15 +174,16 @@ def save(directory, state: TrainState, *, info: dict | None = None,
     directory: the folder of a stream's checkpoints (created if needed).
     state: the :class:`jbptt.TrainState` to save, whole.
     info: an optional JSON-able dict stored with it (e.g. ``k1``, ``k2``).
-    keep: how many of the newest checkpoints to keep in ``directory``
-      (older ones are deleted after the new one is complete); ``None``
-      keeps all.
+    keep: how many of the newest complete checkpoints to keep in
+      ``directory`` (older ones are deleted after the new one is complete);
+      ``None`` keeps all.
 
   Returns:
     The path of the new checkpoint.
 
   Raises:
-    CheckpointError: if ``directory`` already has a checkpoint at this step.
+    CheckpointError: if ``directory`` already has a checkpoint at this step
+      (the remains of an interrupted save are replaced).
     TypeError: if ``state`` is not a ``TrainState``.
     ValueError: for a bad ``keep`` or an ``info`` that is not JSON-able.
   """
@@ -156,17 +209,27 @@ def save(directory, state: TrainState, *, info: dict | None = None,
   }
   arrays = {_key(i): v if isinstance(v, (jax.Array, np.ndarray))
             else np.asarray(v) for i, v in enumerate(leaves)}
-  with _manager(directory, keep=keep, create=True) as mngr:
+  with _manager(directory, create=True) as mngr:
+    root = pathlib.Path(mngr.directory)
+    path = root / str(step)
     if step in mngr.all_steps():
-      raise CheckpointError(
-          f"{mngr.directory} already has a checkpoint at step {step}."
-      )
+      if _complete(root, [step]) or (path / "manifest").is_dir():
+        raise CheckpointError(
+            f"{root} already has a checkpoint at step {step}."
+        )
+      mngr.delete(step)  # arrays without a manifest: an interrupted save
     mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(arrays),
-        manifest=ocp.args.JsonSave(manifest),
-    ))
+        **{_ARRAYS: ocp.args.StandardSave(arrays)}), force=True)
     mngr.wait_until_finished()
-    return pathlib.Path(mngr.directory) / str(step)
+    if jax.process_index() == 0:
+      _write_manifest(path, {**manifest, "files": _files(path)})
+    _barrier(f"jbptt.checkpoint.save:{step}")
+    if keep is not None:
+      kept = _complete(root, mngr.all_steps())[-keep:]
+      for old in mngr.all_steps():
+        if old < kept[0]:
+          mngr.delete(old)
+    return path
 
 
 def latest_step(directory) -> int | None:
@@ -174,41 +237,72 @@ def latest_step(directory) -> int | None:
   if not pathlib.Path(directory).is_dir():
     return None
   with _manager(directory) as mngr:
-    return mngr.latest_step()
+    steps = _complete(pathlib.Path(mngr.directory), mngr.all_steps())
+  return steps[-1] if steps else None
 
 
-def _pick_step(mngr, directory, step):
-  steps = mngr.all_steps()
-  if not steps:
-    raise CheckpointError(f"no checkpoint in {directory}.")
+def _why_not(step_dir: pathlib.Path) -> str:
+  """Why a checkpoint folder without ``jbptt.json`` cannot be read."""
+  try:
+    old = json.loads((step_dir / "manifest" / "metadata").read_text())
+    old = old.get("format") if isinstance(old, dict) else None
+  except (OSError, ValueError):
+    old = None
+  if old in _OLD_FORMATS:
+    return (f"it was written by jbptt before 1.0 ({old}), which this version "
+            f"does not read (it reads {FORMAT}); restore it with that jbptt, "
+            "or start the run again")
+  return (f"it has no {_MANIFEST} (an interrupted save, or a damaged "
+          "checkpoint)")
+
+
+def _pick_step(mngr, directory, step) -> int:
+  root = pathlib.Path(mngr.directory)
+  steps = sorted(mngr.all_steps())
+  complete = _complete(root, steps)
   if step is None:
-    return max(steps)
+    if complete:
+      return complete[-1]
+    if not steps:
+      raise CheckpointError(f"no checkpoint in {directory}.")
+    raise CheckpointError(
+        f"no complete checkpoint in {directory}: step {steps[-1]} is "
+        f"corrupt or incomplete: {_why_not(root / str(steps[-1]))}."
+    )
   if step not in steps:
     raise CheckpointError(
         f"no checkpoint at step {step} in {directory}; it has "
-        f"{sorted(steps)}."
+        f"{steps}."
+    )
+  if step not in complete:
+    raise CheckpointError(
+        f"checkpoint {directory / str(step)} is corrupt or incomplete: "
+        f"{_why_not(root / str(step))}."
     )
   return step
 
 
-def _brief(error: Exception, limit: int = 300) -> str:
-  """The first line of an orbax / tensorstore error, without its spec dump."""
-  text = (str(error).splitlines() or [""])[0].split(" [tensorstore_spec=")[0]
-  return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _read_manifest(mngr, step, where) -> dict:
-  ocp = _ocp()
+def _read_manifest(step_dir: pathlib.Path, where: str) -> dict:
   try:
-    manifest = mngr.restore(step, args=ocp.args.Composite(
-        manifest=ocp.args.JsonRestore()))["manifest"]
-  except Exception as e:  # noqa: BLE001 -- any failure: unreadable
+    manifest = json.loads((step_dir / _MANIFEST).read_text())
+  except (OSError, ValueError) as e:
     raise CheckpointError(
-        f"{where} is corrupt or incomplete: its manifest cannot be read "
-        f"({type(e).__name__}: {_brief(e)})."
+        f"{where} is corrupt or incomplete: its {_MANIFEST} cannot be read "
+        f"({type(e).__name__}: {e})."
     ) from e
   if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
     raise CheckpointError(f"{where} is not a jbptt checkpoint ({FORMAT}).")
+  ok = (isinstance(manifest.get("leaves"), list)
+        and isinstance(manifest.get("files"), dict) and "info" in manifest
+        and all(isinstance(e, dict) and {"path", "shape", "dtype", "sha256"}
+                <= set(e) for e in manifest["leaves"])
+        and all(isinstance(e, dict) and isinstance(e.get("size"), int)
+                and isinstance(e.get("sha256"), str)
+                for e in manifest["files"].values()))
+  if not ok:
+    raise CheckpointError(
+        f"{where} is corrupt: its {_MANIFEST} lacks entries of {FORMAT}."
+    )
   return manifest
 
 
@@ -219,7 +313,8 @@ def read_info(directory, *, step: int | None = None) -> dict | None:
     raise CheckpointError(f"no checkpoint in {directory}: not a folder.")
   with _manager(directory) as mngr:
     step = _pick_step(mngr, directory, step)
-    return _read_manifest(mngr, step, directory / str(step))["info"]
+  return _read_manifest(directory / str(step),
+                        f"checkpoint {directory / str(step)}")["info"]
 
 
 def _listed(items):
@@ -252,13 +347,44 @@ def _check_structure(manifest, paths, leaves, where):
   if problems:
     hint = ""
     if any(p.startswith(".history") for p in missing + extra):
-      hint = (" (a template needs its history buffers: build it with "
-              "trainer.init(params, carry, xs, resets) from a chunk of the "
-              "stream, with the same k1, k2 and resets shape)")
+      hint = (" (the history buffers differ: build the template with "
+              "trainer.init(params, carry, xs, resets) of a trainer with the "
+              "same k1 and k2, giving resets if the saved stream had them)")
     raise CheckpointError(
         f"{where} does not match the template: {_listed(problems)}{hint}."
     )
   return [saved[p] for p in paths]
+
+
+def _check_files(manifest, step_dir: pathlib.Path, where: str) -> None:
+  """Every file the checkpoint was saved with is there, whole and intact.
+
+  Run before orbax is given the checkpoint, because orbax cannot fail a read
+  cleanly: its ``restore`` runs the reads of all arrays at once in a private
+  event loop (``orbax.checkpoint._src.asyncio_utils.run_sync``) that it
+  closes as soon as the first read fails, with the others still in flight.
+  Those report afterwards, from tensorstore's threads (``RuntimeError('Event
+  loop is closed')`` on ``sys.unraisablehook``) and from asyncio when their
+  tasks are collected ("Task exception was never retrieved"); no orbax API
+  gives access to that loop or those tasks to wait for them. So damage is
+  found here, and orbax only reads a checkpoint whose every byte is as saved.
+  """
+  problems = []
+  for name, entry in manifest["files"].items():
+    f = step_dir / name
+    if not f.is_file():
+      problems.append(f"{name} is missing")
+    elif f.stat().st_size != entry["size"]:
+      problems.append(f"{name} has {f.stat().st_size} bytes, "
+                      f"{entry['size']} were saved")
+    elif _file_digest(f) != entry["sha256"]:
+      problems.append(f"{name} does not match its checksum")
+  if not any(n.startswith(f"{_ARRAYS}/") for n in manifest["files"]):
+    problems.append(f"its {_MANIFEST} lists no array files")
+  if problems:
+    raise CheckpointError(
+        f"{where} is corrupt or incomplete: {_listed(problems)}."
+    )
 
 
 def _check_info(manifest, info, where):
@@ -273,6 +399,12 @@ def _check_info(manifest, info, where):
            for k in sorted(set(saved) | set(info), key=str)
            if saved.get(k, "<missing>") != info.get(k, "<missing>")]
   raise CheckpointError(f"{where} was saved for another run: {_listed(diffs)}.")
+
+
+def _brief(error: Exception, limit: int = 300) -> str:
+  """The first line of an orbax / tensorstore error, without its spec dump."""
+  text = (str(error).splitlines() or [""])[0].split(" [tensorstore_spec=")[0]
+  return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _abstract(leaf):
@@ -305,9 +437,10 @@ def restore(directory, like: TrainState, *, step: int | None = None,
     The saved state, every leaf restored.
 
   Raises:
-    CheckpointError: no checkpoint; a checkpoint that is corrupt, truncated
-      or not jbptt's; one whose leaves, shapes, dtypes or ``info`` do not
-      match; the message names what does not match.
+    CheckpointError: no checkpoint; a checkpoint that is corrupt, truncated,
+      incomplete or not jbptt's (or of jbptt before 1.0); one whose leaves,
+      shapes, dtypes or ``info`` do not match; the message names what does
+      not match.
   """
   ocp = _ocp()
   directory = pathlib.Path(directory)
@@ -316,16 +449,18 @@ def restore(directory, like: TrainState, *, step: int | None = None,
   paths, leaves, treedef = _leaves(like)
   with _manager(directory) as mngr:
     step = _pick_step(mngr, directory, step)
+    step_dir = pathlib.Path(mngr.directory) / str(step)
     where = f"checkpoint {directory / str(step)}"
-    manifest = _read_manifest(mngr, step, where)
+    manifest = _read_manifest(step_dir, where)
     if info is not None:
       _check_info(manifest, info, where)
     entries = _check_structure(manifest, paths, leaves, where)
+    _check_files(manifest, step_dir, where)
     abstract = {_key(i): _abstract(v) for i, v in enumerate(leaves)}
     try:
       arrays = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract)))["state"]
-    except Exception as e:  # noqa: BLE001 -- any failure: unreadable
+          **{_ARRAYS: ocp.args.StandardRestore(abstract)}))[_ARRAYS]
+    except Exception as e:  # noqa: BLE001 -- e.g. a file changed meanwhile
       raise CheckpointError(
           f"{where} is corrupt or incomplete: its arrays cannot be read "
           f"({type(e).__name__}: {_brief(e)})."
@@ -340,4 +475,3 @@ def restore(directory, like: TrainState, *, step: int | None = None,
         f"checksums: {', '.join(bad[:_MAX_LISTED])}."
     )
   return jax.tree_util.tree_unflatten(treedef, values)
-

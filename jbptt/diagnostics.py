@@ -146,10 +146,10 @@ def _ratios(dot, gg, rr, dd):
   return cosine, error
 
 
-@functools.partial(jax.jit, static_argnames=("step_loss", "k1", "k2", "policy"))
+@functools.partial(jax.jit, static_argnames=("step_loss", "k1", "k2", "losses"))
 def _grad(step_loss, params, carry, xs, resets, initial_carry, *, k1, k2,
-          policy):
-  f = truncated_loss(step_loss, k1=k1, k2=k2, policy=policy)
+          losses):
+  f = truncated_loss(step_loss, k1=k1, k2=k2, losses=losses)
   return jax.grad(
       lambda p: f(p, carry, xs, resets=resets, initial_carry=initial_carry)[0]
   )(params)
@@ -167,22 +167,22 @@ def _bias(g, ref) -> GradientBias:
   return GradientBias(cosine, error, pick(0), pick(1))
 
 
-def _reference_config(n: int, k1: int, policy: str) -> tuple[int, int]:
+def _reference_config(n: int, k1: int, losses: str) -> tuple[int, int]:
   """The ``(k1, k2)`` of the untruncated gradient of the same losses."""
   # For "new" every k1 with k2 >= n is full BPTT; TBPTT(n, n) is the
   # cheapest (one scan). "window" and "last" inject losses that depend on
   # k1, so only k2 changes.
-  return (n, n) if policy == "new" else (k1, n)
+  return (n, n) if losses == "new" else (k1, n)
 
 
 def gradient_bias(step_loss, params, carry, xs, *, k1: int, k2: int,
-                  policy: str = "new", resets=None,
+                  losses: str = "new", resets=None,
                   initial_carry=None) -> GradientBias:
   """The TBPTT(k1, k2) gradient against the untruncated one, same losses.
 
   Let ``g_trunc`` be ``jax.grad`` of ``jbptt.truncated_loss(step_loss,
-  k1=k1, k2=k2, policy=policy)`` and ``g_full`` that of the same losses with
-  ``k2 = n`` (nothing truncated). For ``policy="new"`` (the default) this is
+  k1=k1, k2=k2, losses=losses)`` and ``g_full`` that of the same losses with
+  ``k2 = n`` (nothing truncated). For ``losses="new"`` (the default) this is
   ``TBPTT(n, n)``: full BPTT of the sequence's mean loss. This returns
 
   * ``cosine = <g_trunc, g_full> / (||g_trunc|| ||g_full||)``,
@@ -190,7 +190,7 @@ def gradient_bias(step_loss, params, carry, xs, *, k1: int, k2: int,
 
   over all leaves of ``params`` concatenated and per leaf. Both gradients are
   computed by jitted functions, compiled once per ``(step_loss, k1, k2,
-  policy)`` and shapes.
+  losses)`` and shapes.
 
   Args:
     step_loss: ``step_loss(params, carry, x) -> (carry, loss)`` with a scalar
@@ -200,7 +200,7 @@ def gradient_bias(step_loss, params, carry, xs, *, k1: int, k2: int,
     xs: a pytree whose leaves share a leading time axis of length ``n``.
     k1: steps between updates (positive int).
     k2: steps each update backpropagates through (positive int).
-    policy: ``"new"``, ``"window"`` or ``"last"``.
+    losses: ``"new"``, ``"window"`` or ``"last"``.
     resets: optional per-step reset mask, as for ``truncated_loss``.
     initial_carry: the carry a reset restores (default: ``carry``).
 
@@ -208,7 +208,7 @@ def gradient_bias(step_loss, params, carry, xs, *, k1: int, k2: int,
     A :class:`GradientBias` of float arrays (at least float32).
 
   Raises:
-    ValueError: for a bad ``k1``, ``k2`` or ``policy``, or bad ``xs`` or
+    ValueError: for a bad ``k1``, ``k2`` or ``losses``, or bad ``xs`` or
       ``resets`` (as ``truncated_loss``).
 
   Examples:
@@ -225,13 +225,13 @@ def gradient_bias(step_loss, params, carry, xs, *, k1: int, k2: int,
     Williams & Peng, Neural Computation 2(4), 1990; Tallec & Ollivier,
     Unbiasing Truncated Backpropagation Through Time, 2017.
   """
-  k1, k2, policy = semantics.check_config(k1, k2, policy)
+  k1, k2, losses = semantics.check_config(k1, k2, losses)
   n = checks.time_length(xs)
   g_trunc = _grad(step_loss, params, carry, xs, resets, initial_carry, k1=k1,
-                  k2=k2, policy=policy)
-  r1, r2 = _reference_config(n, k1, policy)
+                  k2=k2, losses=losses)
+  r1, r2 = _reference_config(n, k1, losses)
   g_full = _grad(step_loss, params, carry, xs, resets, initial_carry, k1=r1,
-                 k2=r2, policy=policy)
+                 k2=r2, losses=losses)
   return _bias(g_trunc, g_full)
 
 
@@ -250,7 +250,7 @@ def _check_ks(name: str, values) -> np.ndarray:
   return array.astype(np.int64)
 
 
-def sweep(step_loss, params, carry, xs, *, k2s, k1s=None, policy: str = "new",
+def sweep(step_loss, params, carry, xs, *, k2s, k1s=None, losses: str = "new",
           resets=None, initial_carry=None) -> Sweep:
   """:func:`gradient_bias` for many configurations, ready to plot.
 
@@ -267,7 +267,7 @@ def sweep(step_loss, params, carry, xs, *, k2s, k1s=None, policy: str = "new",
     k2s: an int or an array-like of positive ints (non-empty).
     k1s: likewise, broadcast against ``k2s``; ``None`` (the default) means
       ``k1 = k2`` for each, TBPTT(k2, k2) (chunking).
-    policy: ``"new"``, ``"window"`` or ``"last"``.
+    losses: ``"new"``, ``"window"`` or ``"last"``.
     resets: optional per-step reset mask, as for ``truncated_loss``.
     initial_carry: the carry a reset restores (default: ``carry``).
 
@@ -301,19 +301,19 @@ def sweep(step_loss, params, carry, xs, *, k2s, k1s=None, policy: str = "new",
         f"k1s and k2s must broadcast against each other, got shapes "
         f"{np.shape(k1)} and {np.shape(k2)}."
     ) from e
-  policy = semantics.check_policy(policy)
+  losses = semantics.check_losses(losses)
   n = checks.time_length(xs)
   refs: dict[tuple[int, int], Any] = {}
   cosine = np.empty(k1.shape)
   error = np.empty(k1.shape)
   for i in np.ndindex(k1.shape):
     a, b = int(k1[i]), int(k2[i])
-    key = _reference_config(n, a, policy)
+    key = _reference_config(n, a, losses)
     if key not in refs:
       refs[key] = _grad(step_loss, params, carry, xs, resets, initial_carry,
-                        k1=key[0], k2=key[1], policy=policy)
+                        k1=key[0], k2=key[1], losses=losses)
     g = _grad(step_loss, params, carry, xs, resets, initial_carry, k1=a, k2=b,
-              policy=policy)
+              losses=losses)
     bias = _bias(g, refs[key])
     cosine[i], error[i] = float(bias.cosine), float(bias.relative_error)
   return Sweep(np.array(k1), np.array(k2), cosine, error)

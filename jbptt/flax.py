@@ -4,8 +4,8 @@
   ``LSTMCell``, ``OptimizedLSTMCell``, ``GRUCell``, ``MGUCell``,
   ``SimpleCell`` or a user's module with ``__call__(carry, x) -> (carry, y)``;
   NNX likewise) into a pure ``cell(params, carry, x) -> (carry, y)`` for
-  :func:`jbptt.unroll`, :func:`jbptt.cell_loss`, :func:`jbptt.truncated_loss`
-  and :func:`jbptt.trainer`.
+  :func:`jbptt.truncated_unroll`, :func:`jbptt.cell_loss`,
+  :func:`jbptt.truncated_loss` and :func:`jbptt.trainer`.
 * :class:`TruncatedRNN` (Linen) and :class:`NNXTruncatedRNN` are drop-ins for
   ``flax.linen.RNN`` / ``flax.nnx.RNN`` that hold the carry constant every
   ``k`` steps (:func:`jbptt.truncated_unroll`), so a model trained on long
@@ -44,7 +44,8 @@ def linen_cell(module: nn.Module):
     >>> variables, carry = jbptt.flax.init_linen_cell(
     ...     module, jax.random.key(0), (4, 3))
     >>> cell = jbptt.flax.linen_cell(module)
-    >>> carry, ys = jbptt.unroll(cell, variables, carry, jnp.ones((5, 4, 3)))
+    >>> carry, ys = jbptt.truncated_unroll(cell, variables, carry,
+    ...                                    jnp.ones((5, 4, 3)), k=None)
     >>> ys.shape
     (5, 4, 8)
   """
@@ -85,7 +86,8 @@ def nnx_cell(module: nnx.Module):
     >>> module = nnx.GRUCell(3, 8, rngs=nnx.Rngs(0))
     >>> cell, params = jbptt.flax.nnx_cell(module)
     >>> carry = module.initialize_carry((4, 3), nnx.Rngs(0))
-    >>> carry, ys = jbptt.unroll(cell, params, carry, jnp.ones((5, 4, 3)))
+    >>> carry, ys = jbptt.truncated_unroll(cell, params, carry,
+    ...                                    jnp.ones((5, 4, 3)), k=None)
     >>> ys.shape
     (5, 4, 8)
   """

@@ -1,8 +1,11 @@
 """Plain-loop references of TBPTT(k1, k2), written from the contract.
 
 Deliberately slow and obvious: one ``jax.grad`` per injected loss, each
-re-running the steps from the stored state it is truncated at. Nothing here
-uses jbptt.
+re-running the steps from the stored state it is truncated at. A step's loss
+is a scalar or a ``(total, weight)`` pair (``jbptt.WeightedLoss`` is one): an
+update's objective is sum(total) / sum(weight), its gradient the sum of the
+totals' truncated gradients over sum(weight); an update of weight 0 makes no
+optimizer step. Nothing here uses jbptt.
 """
 
 import functools
@@ -45,10 +48,26 @@ def _loss_from(step_loss, params, h_s, xs, resets, h0, s, tau):
   return _loss_of_piece(step_loss, params, h_s, piece, rs, h0)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-@functools.partial(jax.value_and_grad, argnums=1)
+def _pair(loss):
+  """A step's loss as (total, weight)."""
+  if isinstance(loss, tuple):
+    total, weight = loss
+    return total, jnp.asarray(weight, jnp.result_type(total))
+  return loss, jnp.ones((), jnp.result_type(loss))
+
+
 def _loss_of_piece(step_loss, params, h_s, piece, resets, h0):
-  """The loss of the piece's last step, from h_s held constant.
+  """((total, weight), d total / d params) of the piece's last step."""
+  (total, weight), grad = _piece_grad(step_loss, params, h_s, piece, resets,
+                                      h0)
+  return (total, weight), grad
+
+
+@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.value_and_grad, argnums=1, has_aux=True)
+def _piece_grad(step_loss, params, h_s, piece, resets, h0):
+  """The total of the piece's last step (the weight as aux), from h_s held
+  constant.
 
   A plain Python loop over the piece; jit only caches it per length.
   """
@@ -59,7 +78,8 @@ def _loss_of_piece(step_loss, params, h_s, piece, resets, h0):
     r = None if resets is None else resets[j]
     h = _reset(r, jax.lax.stop_gradient(h0), h)
     h, loss = step_loss(params, h, _x(piece, j))
-  return loss
+  total, weight = _pair(loss)
+  return total, jax.lax.stop_gradient(weight)
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,20 +108,24 @@ def truncated_loss(step_loss, params, carry, xs, k1, k2, policy="new",
   ends = list(range(k1, n + 1, k1))
   if n % k1:
     ends.append(n)
-  total, grad, count, t_prev = 0.0, None, 0, 0
+  total, grad, weight, t_prev = 0.0, None, 0.0, 0
   for t in ends:
     for tau, s in injected(t, t_prev, k2, policy):
-      v, g = _loss_from(step_loss, params, hs[s], xs, resets, h0, s, tau)
-      total += v
+      (v, w), g = _loss_from(step_loss, params, hs[s], xs, resets, h0, s, tau)
+      total, weight = total + v, weight + w
       grad = g if grad is None else tree_map(jnp.add, grad, g)
-      count += 1
     t_prev = t
-  return total / count, tree_map(lambda g: g / count, grad), hs[n]
+  if weight == 0:
+    return 0.0, tree_map(jnp.zeros_like, grad), hs[n]
+  return total / weight, tree_map(lambda g: g / weight, grad), hs[n]
 
 
-def _step(optimizer, params, opt_state, grad_sum, count):
-  """One optax update with the mean of ``count`` injected losses' gradients."""
-  grad = tree_map(lambda g: g / count, grad_sum)
+def _step(optimizer, params, opt_state, grad_sum, weight):
+  """One optax update with the injected totals' gradients over ``weight``;
+  none at all when ``weight`` is 0."""
+  if weight == 0:
+    return params, opt_state
+  grad = tree_map(lambda g: g / weight, grad_sum)
   updates, opt_state = optimizer.update(grad, opt_state, params)
   return optax.apply_updates(params, updates), opt_state
 
@@ -119,14 +143,14 @@ def train(step_loss, optimizer, params, carry, xs, k1, k2, policy="new",
     h, _ = _jitted(step_loss)(params, hs[-1], _x(xs, t - 1), r, h0)
     hs.append(h)
     if t % k1 == 0:
-      total, grad, count = 0.0, None, 0
+      total, grad, weight = 0.0, None, 0.0
       for tau, s in injected(t, t - k1, k2, policy):
-        v, g = _loss_from(step_loss, params, hs[s], xs, resets, h0, s, tau)
-        total += v
+        (v, w), g = _loss_from(step_loss, params, hs[s], xs, resets, h0, s,
+                               tau)
+        total, weight = total + v, weight + w
         grad = g if grad is None else tree_map(jnp.add, grad, g)
-        count += 1
-      params, opt_state = _step(optimizer, params, opt_state, grad, count)
-      losses.append(total / count)
+      params, opt_state = _step(optimizer, params, opt_state, grad, weight)
+      losses.append(total / weight if weight else 0.0)
   return params, losses, hs[n]
 
 
@@ -154,12 +178,15 @@ def truncated_grad_xs(step_loss, params, carry, xs, k1, k2, policy="new"):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _step_vjp(step_loss, params, h_prev, x, reset, h0, ct_h, ct_loss):
-  """One step's VJP at (params, h_prev): (loss, d params, d h_prev)."""
+  """One step's VJP at (params, h_prev): ((total, weight), d params,
+  d h_prev)."""
   def f(p, h):
-    return step_loss(p, _reset(reset, jax.lax.stop_gradient(h0), h), x)
-  (_, loss), pull = jax.vjp(f, params, h_prev)
-  d_p, d_h = pull((ct_h, ct_loss))
-  return loss, d_p, d_h
+    h, loss = step_loss(p, _reset(reset, jax.lax.stop_gradient(h0), h), x)
+    total, weight = _pair(loss)
+    return (h, total), weight
+  (_, total), pull, weight = jax.vjp(f, params, h_prev, has_aux=True)
+  d_p, d_h = pull((ct_h, jnp.asarray(ct_loss, total.dtype)))
+  return (total, weight), d_p, d_h
 
 
 def train_stored(step_loss, optimizer, params, carry, xs, k1, k2, policy="new",
@@ -184,18 +211,17 @@ def train_stored(step_loss, optimizer, params, carry, xs, k1, k2, policy="new",
     hs.append(h)
     if t % k1:
       continue
-    total, grad, count = 0.0, None, 0
+    total, grad, weight = 0.0, None, 0.0
     for tau, s in injected(t, t - k1, k2, policy):
       lam = zero_h
       for j in range(tau, s, -1):  # steps tau, tau-1, ..., s+1
         r = None if resets is None else resets[j - 1]
         ct_loss = 1.0 if j == tau else 0.0
-        loss, d_p, lam = _step_vjp(step_loss, params, hs[j - 1], _x(xs, j - 1),
-                                   r, h0, lam, ct_loss)
+        (v, w), d_p, lam = _step_vjp(step_loss, params, hs[j - 1],
+                                     _x(xs, j - 1), r, h0, lam, ct_loss)
         if j == tau:
-          total += loss
+          total, weight = total + v, weight + w
         grad = d_p if grad is None else tree_map(jnp.add, grad, d_p)
-      count += 1
-    params, opt_state = _step(optimizer, params, opt_state, grad, count)
-    losses.append(total / count)
+    params, opt_state = _step(optimizer, params, opt_state, grad, weight)
+    losses.append(total / weight if weight else 0.0)
   return params, losses, hs[n]

@@ -1,9 +1,7 @@
-"""The ``jbptt`` command end to end (a subprocess or ``cli.main``), bad input."""
+"""The ``jbptt`` command end to end (a subprocess or ``main``), bad input."""
 
-import asyncio
-import gc
+import dataclasses
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -14,7 +12,9 @@ import numpy as np
 import pytest
 
 import jbptt
-from jbptt import checkpoint, cli, experiment, tasks
+from jbptt import checkpoint
+from jbptt._cli import config, experiment, tasks
+from jbptt._cli.main import main, parser
 
 
 def jbptt_cmd(*args, timeout=600):
@@ -46,7 +46,7 @@ def test_compare_end_to_end(tmp_path):
 def test_train_task_and_checkpoint(tmp_path):
   out = tmp_path / "train"
   r = jbptt_cmd("train", "--task", "mackey-glass", "--k1", "4", "--k2", "8",
-                "--policy", "window", "--cell", "gru", "--out", str(out), *TINY)
+                "--losses", "window", "--cell", "gru", "--out", str(out), *TINY)
   assert r.returncode == 0, r.stderr
   (row,) = json.loads((out / "results.json").read_text())
   assert (row["k1"], row["k2"], row["updates"]) == (4, 8, 16)
@@ -55,7 +55,9 @@ def test_train_task_and_checkpoint(tmp_path):
   ckpts = out / "checkpoints"
   assert checkpoint.latest_step(ckpts) == 64
   info = checkpoint.read_info(ckpts)
-  assert info["run"]["k1"] == 4 and info["run"]["cell"] == "gru"
+  assert info["run"] == {**config.TRAIN.saved(), "task": "mackey-glass",
+                         "k1": 4, "k2": 8, "losses": "window", "cell": "gru",
+                         "steps": 64, "batch": 4, "hidden": 8}
   assert len(info["progress"]["curve_loss"]) == 16
   # Starting another run over these checkpoints is refused, nothing lost.
   r = jbptt_cmd("train", "--task", "recall", "--k1", "2", "--k2", "2",
@@ -65,12 +67,11 @@ def test_train_task_and_checkpoint(tmp_path):
 
 
 def _state(out, step):
-  info = checkpoint.read_info(out / "checkpoints", step=step)["run"]
-  task = tasks.get(info["task"], info["data"])
-  config = experiment.Config("", info["k1"], info["k2"], info["policy"])
-  like = experiment.template(task, config, batch=info["batch"],
-                             hidden=info["hidden"], lr=info["lr"],
-                             cell=info["cell"], seed=info["seed"])
+  settings = config.RunConfig(
+      **checkpoint.read_info(out / "checkpoints", step=step)["run"])
+  task = tasks.get(settings.task, settings.data)
+  tbptt = experiment.Config("", settings.k1, settings.k2, settings.losses)
+  like = experiment.template(task, tbptt, settings)
   return checkpoint.restore(out / "checkpoints", like, step=step)
 
 
@@ -109,18 +110,42 @@ def test_unroll_reaches_the_trainer(tmp_path, monkeypatch):
   monkeypatch.setattr(jbptt, "trainer", spy)
   out = tmp_path / "run"
   with jax.enable_x64(False):  # as the command runs
-    assert cli.main(["train", "--task", "recall", "--k1", "4", "--k2", "4",
-                     "--out", str(out), "--unroll", "4", "--steps", "16",
-                     "--batch", "2", "--hidden", "4"]) == 0
+    assert main(["train", "--task", "recall", "--k1", "4", "--k2", "4",
+                 "--out", str(out), "--unroll", "4", "--steps", "16",
+                 "--batch", "2", "--hidden", "4"]) == 0
     assert seen == [4]
     assert "unroll" not in checkpoint.read_info(out / "checkpoints")["run"]
     shutil.rmtree(out / "checkpoints" / "16")
-    assert cli.main(["train", "--resume", str(out), "--unroll", "2"]) == 0
-    assert seen[1:] == [None, 2]  # the restore template, then the run
+    assert main(["train", "--resume", str(out), "--unroll", "2"]) == 0
+    assert seen[1:] == [2, 2]  # the restore template, then the run
     assert checkpoint.latest_step(out / "checkpoints") == 16
   # `compare` runs its configurations through the same `_run`.
-  assert cli.parser().parse_args(["compare", "--unroll", "3"]).unroll == 3
-  assert cli.parser().parse_args(["compare"]).unroll is None
+  assert parser().parse_args(["compare", "--unroll", "3"]).unroll == 3
+  assert parser().parse_args(["compare"]).unroll == 1
+
+
+def test_defaults_come_from_run_config():
+  """The parser's defaults and help texts are RunConfig's."""
+  args = parser().parse_args(["compare"])
+  given = {f.name: getattr(args, f.name)
+           for f in dataclasses.fields(config.RunConfig) if hasattr(args, f.name)}
+  assert config.COMPARE == dataclasses.replace(config.TRAIN, **given)
+  assert config.COMPARE.steps != config.TRAIN.steps  # so both are read
+  # `train` leaves out what is not given, so that --resume can tell.
+  args = parser().parse_args(["train", "--task", "recall", "--k1", "2",
+                              "--k2", "2"])
+  assert (args.steps, args.losses, args.cell, args.unroll) == (
+      None, None, None, config.TRAIN.unroll)
+  for command, defaults in [("compare", config.COMPARE),
+                            ("train", config.TRAIN)]:
+    r = jbptt_cmd(command, "--help", timeout=120)
+    text = " ".join(r.stdout.split())
+    for option in ("steps", "batch", "hidden", "lr", "cell", "unroll"):
+      assert f"(default: {getattr(defaults, option)})" in text, (command, option)
+  assert "(default: new)" in text and "--policy" not in text
+  assert tuple(experiment.CELLS) == config.CELLS
+  assert set(config.TRAIN.saved()) == set(config.RunConfig.saved_names())
+  assert "unroll" not in config.TRAIN.saved()
 
 
 def test_resume_errors(tmp_path):
@@ -142,40 +167,6 @@ def test_resume_errors(tmp_path):
   r = jbptt_cmd("train", "--resume", str(out), timeout=120)
   assert r.returncode == 2 and "is corrupt or incomplete" in r.stderr
   assert "Traceback" not in r.stderr
-
-
-def _leave_unretrieved(coro):
-  """Runs ``coro`` to its exception, never retrieved, and drops the task."""
-  loop = asyncio.new_event_loop()
-  task = loop.create_task(coro)
-  loop.run_until_complete(asyncio.wait([task]))
-  loop.close()
-  del task
-  gc.collect()  # asyncio logs the exception when the task is collected
-
-
-def test_unretrieved_checkpoint_reads_are_not_logged(caplog):
-  """After a failed restore, orbax's other failed reads are not logged."""
-  orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "x.py")
-  namespace = {}
-  exec(compile("async def read():\n  raise ValueError('OUT_OF_RANGE')\n",
-               orbax_file, "exec"), namespace)
-
-  async def elsewhere():
-    raise ValueError("not a checkpoint read")
-
-  logger = logging.getLogger("asyncio")
-  try:
-    assert cli.main(["schedule", "--n", "4", "--k1", "2", "--k2", "2"]) == 0
-    assert cli._not_a_failed_read in logger.filters
-    with caplog.at_level(logging.ERROR, logger="asyncio"):
-      _leave_unretrieved(namespace["read"]())
-      _leave_unretrieved(elsewhere())
-  finally:
-    logger.removeFilter(cli._not_a_failed_read)
-  (record,) = [r for r in caplog.records if r.name == "asyncio"]
-  assert "exception was never retrieved" in record.getMessage()
-  assert str(record.exc_info[1]) == "not a checkpoint read"
 
 
 @pytest.mark.parametrize("kind", ["text", "csv", "npy"])
@@ -208,11 +199,13 @@ def test_schedule_diagram():
   assert rows[2].endswith("." * 4 + "|----oo")     # t=10: truncated at 4
 
 
-def test_diagram_k1_greater_than_k2():
-  text = cli.diagram(6, 6, 2)
-  row = [line for line in text.splitlines() if line.startswith("t=")][0]
-  # losses 1..4 see one step each, 5..6 go back to the state after step 4
-  assert row.endswith("|oooooo")
+def test_schedule_losses():
+  r = jbptt_cmd("schedule", "--n", "8", "--k1", "4", "--k2", "2",
+                "--losses", "last")
+  assert r.returncode == 0, r.stderr
+  assert "losses 'last'" in r.stdout
+  rows = [line for line in r.stdout.splitlines() if line.startswith("t=")]
+  assert rows == ["t=4   ..|-o....", "t=8   ......|-o"]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -231,6 +224,8 @@ def test_diagram_k1_greater_than_k2():
      "--unroll must be an integer"),
     (["train", "--k1", "2", "--k2", "2"], "one of --task or --data is required"),
     (["train", "--task", "recall", "--k2", "2"], "--k1 is required"),
+    (["train", "--task", "recall", "--k1", "2", "--k2", "2", "--losses", "all"],
+     "invalid choice: 'all'"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message):
   r = jbptt_cmd(*args, timeout=120)
@@ -325,5 +320,5 @@ def test_console_script_is_declared():
   import importlib.metadata as md
 
   eps = md.entry_points(group="console_scripts")
-  assert any(ep.name == "jbptt" and ep.value == "jbptt.cli:main" for ep in eps)
+  assert any(ep.name == "jbptt" and ep.value == "jbptt._cli.main:main" for ep in eps)
   assert jbptt.__version__

@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jbptt._src import steps
+
 
 def _path(path) -> str:
   return jax.tree_util.keystr(path)
@@ -27,7 +29,7 @@ def time_length(xs, name: str = "xs") -> int:
     raise ValueError(f"{name} has no array leaves; it needs a time axis.")
   lengths = {}
   for path, leaf in leaves:
-    shape = jnp.shape(leaf)
+    shape = tuple(leaf.shape) if hasattr(leaf, "shape") else jnp.shape(leaf)
     if not shape:
       raise ValueError(
           f"{name}{_path(path)} is a scalar; every leaf of {name} needs a "
@@ -52,17 +54,26 @@ def as_arrays(tree):
 
 def _spec(tree):
   return jax.tree_util.tree_map(
-      lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), tree
+      lambda a: a if isinstance(a, jax.ShapeDtypeStruct)
+      else jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), tree
   )
 
 
 def check_step(step_loss, params, carry, x, name: str = "step_loss"):
-  """Checks that ``step_loss(params, carry, x)`` keeps the carry and is scalar.
+  """Checks that ``step_loss(params, carry, x)`` keeps the carry and that its
+  loss is a scalar or a :class:`jbptt.WeightedLoss`.
 
   Raises:
     TypeError: if the returned carry's structure, or a leaf's shape or dtype,
-      differs from the input carry's, or the loss is not a scalar.
+      differs from the input carry's, or the loss is not a float scalar or a
+      :class:`jbptt.WeightedLoss` of scalars.
   """
+  if isinstance(step_loss, steps.CellLoss) and not (
+      isinstance(x, (tuple, list)) and len(x) == 2):
+    raise TypeError(
+        "a step made by jbptt.cell_loss takes xs whose time slices are "
+        f"(inputs, targets) pairs, got a slice of type {type(x).__name__}."
+    )
   try:
     out = jax.eval_shape(step_loss, _spec(params), _spec(carry), _spec(x))
   except (TypeError, ValueError) as e:
@@ -90,14 +101,18 @@ def check_step(step_loss, params, carry, x, name: str = "step_loss"):
           f"to {b.dtype}{list(b.shape)}; the carry must keep its shape and "
           "dtype from step to step."
       )
-  if jax.tree_util.tree_structure(loss).num_leaves != 1 or jnp.shape(
-      jax.tree_util.tree_leaves(loss)[0]
-  ) != ():
+  parts = tuple(loss) if isinstance(loss, steps.WeightedLoss) else (loss,)
+  if any(jax.tree_util.tree_structure(a).num_leaves != 1
+         or jnp.shape(jax.tree_util.tree_leaves(a)[0]) != () for a in parts):
     shape = jax.tree_util.tree_map(jnp.shape, loss)
     raise TypeError(
-        f"{name} must return a scalar loss, got one of shape {shape}; reduce "
-        "it (for example with .mean() over the batch)."
+        f"{name} must return a scalar loss or a jbptt.WeightedLoss of two "
+        f"scalars, got one of shape {shape}; reduce it (for example with "
+        ".mean() over the batch, or a sum and a count for WeightedLoss)."
     )
+  if not all(jnp.issubdtype(a.dtype, jnp.inexact) for a in parts[:1]):
+    raise TypeError(f"{name} must return a floating-point loss, got "
+                    f"{parts[0].dtype}.")
 
 
 def check_resets(resets, n: int, carry, name: str = "resets"):
@@ -118,14 +133,19 @@ def check_resets(resets, n: int, carry, name: str = "resets"):
   if not (jnp.issubdtype(resets.dtype, jnp.bool_)
           or jnp.issubdtype(resets.dtype, jnp.integer)):
     raise TypeError(f"{name} must be boolean, got dtype {resets.dtype}.")
-  per_step = resets.shape[1:]
+  check_reset_shape(resets.shape[1:], carry, name)
+  return resets.astype(bool)
+
+
+def check_reset_shape(per_step, carry, name: str = "resets"):
+  """Checks that the per-step reset shape is a prefix of every carry leaf's."""
+  per_step = tuple(per_step)
   for path, leaf in jax.tree_util.tree_leaves_with_path(carry):
     if jnp.shape(leaf)[: len(per_step)] != per_step:
       raise ValueError(
           f"{name} has per-step shape {per_step}, which is not a leading "
           f"prefix of carry{_path(path)}'s shape {jnp.shape(leaf)}."
       )
-  return resets.astype(bool)
 
 
 def first_step(xs):

@@ -1,6 +1,6 @@
 """The truncation mechanics: one window of steps with its gradient cut.
 
-Every fast path of :mod:`jbptt` is built from :func:`segment_loss`: a run of
+Every re-run window of :mod:`jbptt` is built from :func:`segment_loss`: a run of
 ``L`` steps from a carry held constant, in which the first ``n_own`` steps
 each see only their own step (their entering carry is held constant too) and
 the remaining steps backpropagate to the state after step ``n_own``. Masks
@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from jbptt._src import gradient
 
 tree_map = jax.tree_util.tree_map
 
@@ -58,8 +60,19 @@ def _slice(tree, start, stop):
   return tree_map(lambda a: a[start:stop], tree)
 
 
+def masked_sum(values, inject, valid):
+  """The sum of ``values`` (leading ``L``) where ``inject`` (static) and
+  ``valid`` (``None`` or a boolean ``(L,)``) hold."""
+  if valid is None and np.all(inject):  # every step counts: no mask
+    return jnp.sum(values)
+  mask = jnp.asarray(inject)
+  if valid is not None:
+    mask = mask & valid
+  return jnp.sum(jnp.where(mask, values, jnp.zeros_like(values)))
+
+
 def segment_loss(
-    step_loss,
+    split,
     params,
     carry,
     xs,
@@ -69,12 +82,16 @@ def segment_loss(
     *,
     n_own: int,
     inject: np.ndarray,
+    remat=None,
     unroll: int | bool = 1,
 ):
-  """Runs one truncated window and sums its injected losses.
+  """Runs one truncated window; returns its injected totals and weights.
+
+  The cell of ``split`` (:mod:`jbptt._src.steps`) is scanned over the
+  window; its head is evaluated once over all of the window's outputs.
 
   Args:
-    step_loss: ``(params, carry, x) -> (carry, loss)``.
+    split: the step, as a :class:`jbptt._src.steps.Split`.
     params: the parameters (differentiated).
     carry: the carry before the window; held constant.
     xs: the window's inputs, leaves of leading length ``L``.
@@ -84,52 +101,83 @@ def segment_loss(
     initial_carry: the carry a reset restores; held constant.
     n_own: the number of leading steps that see only their own step.
     inject: a static boolean ``(L,)``: the step losses that count.
+    remat: ``None`` or a ``jax.checkpoint`` policy for each step.
     unroll: steps per iteration of the scan, passed to ``lax.scan``.
 
   Returns:
-    ``(loss_sum, final_carry)``: the sum of the counted step losses and the
-    carry after the window.
+    ``(total, weight, final_carry)``: the sums of the counted steps' totals
+    and weights, and the carry after the window.
   """
   length = len(inject)
   initial_carry = lax.stop_gradient(initial_carry)
   inputs = (xs, resets, valid)
+  cell = gradient.rematted(
+      lambda p, h, x, r, v: masked_step(split.cell, p, h, x, r, v,
+                                        initial_carry),
+      remat,
+  )
 
   def run(p, h, start, stop, cut_each):
     def body(h, inp):
       if cut_each:
         h = lax.stop_gradient(h)
-      return masked_step(step_loss, p, h, *inp, initial_carry)
+      return cell(p, h, *inp)
 
     return lax.scan(body, h, _slice(inputs, start, stop), unroll=unroll)
 
   h = lax.stop_gradient(carry)
-  losses = []
+  outs = []
   if n_own:
     own_params = params if inject[:n_own].any() else lax.stop_gradient(params)
     h, own = run(own_params, h, 0, n_own, True)
     h = lax.stop_gradient(h)
-    losses.append(own)
+    outs.append(own)
   if n_own < length:
     h, rest = run(params, h, n_own, length, False)
-    losses.append(rest)
-  losses = jnp.concatenate(losses) if len(losses) > 1 else losses[0]
-  if valid is None and np.all(inject):  # every loss counts: no mask to apply
-    return jnp.sum(losses), h
-  mask = jnp.asarray(inject)
-  if valid is not None:
-    mask = mask & valid
-  loss_sum = jnp.sum(jnp.where(mask, losses, jnp.zeros_like(losses)))
-  return loss_sum, h
+    outs.append(rest)
+  outs = outs[0] if len(outs) == 1 else tree_map(
+      lambda a, b: jnp.concatenate([a, b]), *outs)
+  totals, weights = split.head(params, outs, xs)
+  return (masked_sum(totals, inject, valid), masked_sum(weights, inject, valid),
+          h)
 
 
-def forward(step_loss, params, carry, xs, resets, initial_carry, valid=None,
+def forward(cell, params, carry, xs, resets, initial_carry, valid=None,
             unroll=1):
-  """Runs the steps for their values only; returns every carry ``h_1..h_L``."""
+  """Runs ``cell`` for its carries only; returns the final carry and every
+  carry ``h_1..h_L``."""
   params = lax.stop_gradient(params)
 
   def body(h, inp):
-    h, _ = masked_step(step_loss, params, h, *inp, initial_carry)
+    h, _ = masked_step(cell, params, h, *inp, initial_carry)
     return h, h
 
   return lax.scan(body, lax.stop_gradient(carry), (xs, resets, valid),
                   unroll=unroll)
+
+
+def truncated_scan(cell, params, carry, xs, *, k: int, unroll=1):
+  """As ``lax.scan`` of ``cell(params, carry, x) -> (carry, y)``, in blocks
+  of ``k`` steps each run from a carry held constant (the first block from
+  ``carry`` itself); returns ``(carry, ys)``."""
+  n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+  step = lambda h, x: cell(params, h, x)
+  first = min(k, n)
+  h, ys_first = lax.scan(step, carry, _slice(xs, 0, first), unroll=unroll)
+  pieces = [ys_first]
+  q = (n - first) // k
+  if q:
+    def block(h, xb):
+      return lax.scan(step, lax.stop_gradient(h), xb, unroll=unroll)
+
+    fold = lambda a: jnp.reshape(a[first:first + q * k], (q, k) + a.shape[1:])
+    h, ys = lax.scan(block, h, tree_map(fold, xs))
+    pieces.append(tree_map(lambda a: jnp.reshape(a, (q * k,) + a.shape[2:]),
+                           ys))
+  if first + q * k < n:
+    h, ys_tail = lax.scan(step, lax.stop_gradient(h),
+                          _slice(xs, first + q * k, n), unroll=unroll)
+    pieces.append(ys_tail)
+  ys = pieces[0] if len(pieces) == 1 else tree_map(
+      lambda *a: jnp.concatenate(a), *pieces)
+  return h, ys

@@ -6,8 +6,9 @@ Definition (Williams & Peng, 1990; Sutskever, 2013, section 2.8.6)
 A step function ``step_loss(params, carry, x) -> (carry, loss)`` is applied to
 the slices ``x_1, ..., x_n`` of a pytree ``xs`` whose leaves share a leading
 time axis of length ``n``. Steps are numbered ``1..n``; ``h_t`` is the carry
-after step ``t`` and ``h_0`` the initial carry; ``loss_t`` is the scalar loss
-of step ``t``.
+after step ``t`` and ``h_0`` the initial carry. The loss of step ``t`` is a
+pair ``(total_t, weight_t)``: a :class:`jbptt.WeightedLoss`, or a scalar
+``loss_t`` meaning ``(loss_t, 1)``. Weights are held constant.
 
 * **Updates** end at ``t = k1, 2*k1, ...``. When a whole sequence is given
   (:func:`jbptt.truncated_loss`), a last update ends at ``n`` if ``k1`` does
@@ -18,7 +19,7 @@ of step ``t``.
   first one).
 
   ============  ==================================  =============================
-  policy        injected steps ``tau``              truncation point ``s``
+  ``losses``    injected steps ``tau``              truncation point ``s``
   ============  ==================================  =============================
   ``"new"``     ``t_prev < tau <= t``               ``max(0, min(t - k2, tau - 1))``
   ``"window"``  ``max(0, t - k2) < tau <= t``       ``max(0, t - k2)``
@@ -30,8 +31,13 @@ of step ``t``.
   multiple of ``k1`` also reaches back ``k2`` steps (past ``t_prev``). For
   ``k1 > k2`` a loss older than ``t - k2`` gets only its own step:
   TBPTT(k1, 1) gives every loss exactly one step.
-* The gradient of an update is the sum of the truncated gradients of its
-  injected losses divided by their number.
+* The objective of an update is ``sum(total_tau) / sum(weight_tau)`` over its
+  injected steps, and its gradient the sum of the truncated gradients of the
+  injected ``total_tau`` divided by ``sum(weight_tau)``. With plain scalar
+  losses that is the mean of the injected losses and of their truncated
+  gradients. An update whose weights sum to 0 has objective and gradient 0;
+  :func:`jbptt.trainer` makes no optimizer step for it (params and optimizer
+  state are kept).
 
 Consequences: TBPTT(n, n) is full BPTT; TBPTT(1, n) takes, at each step, the
 full BPTT gradient of that step's loss; TBPTT(k, k) with ``k`` dividing ``n``
@@ -42,28 +48,30 @@ Reference loop
 
 The plain-Python meaning of :func:`jbptt.truncated_loss` (fixed params)::
 
-    def reference(step_loss, params, h0, xs, k1, k2, policy):
+    def reference(step_loss, params, h0, xs, k1, k2, losses):
       n = len(xs)
       hs = [h0]                                   # forward values h_0..h_n
       for x in xs:
         hs.append(step_loss(params, hs[-1], x)[0])
-      total_loss, total_grad, count = 0.0, 0.0, 0
-      for t, injected in schedule(n, k1, k2, policy):
-        for tau, s in injected:                   # loss_tau back to h_s
-          def loss_tau(p):
+      total, grad, weight = 0.0, 0.0, 0.0
+      for t, injected in schedule(n, k1, k2, losses):
+        for tau, s in injected:                   # total_tau back to h_s
+          def total_tau(p):
             h = jax.lax.stop_gradient(hs[s])
             for x in xs[s:tau]:
               h, loss = step_loss(p, h, x)
-            return loss
-          value, grad = jax.value_and_grad(loss_tau)(params)
-          total_loss, total_grad = total_loss + value, total_grad + grad
-          count += 1
-      return total_loss / count, total_grad / count
+            loss = loss if isinstance(loss, WeightedLoss) else (loss, 1.0)
+            return loss[0], loss[1]
+          (value, w), g = jax.value_and_grad(total_tau, has_aux=True)(params)
+          total, grad, weight = total + value, grad + g, weight + w
+      if weight == 0:
+        return 0.0, 0.0
+      return total / weight, grad / weight
 
 In the online :func:`jbptt.trainer` the stream's carry advances with the
 params current at each step; at each update the window is re-run from the
-*stored* stream state ``h_s`` with the current params, and the averaged
-gradient is handed to the optax optimizer.
+*stored* stream state ``h_s`` with the current params, and the update's
+gradient (as above, per update) is handed to the optax optimizer.
 
 References:
   Williams & Peng, `An Efficient Gradient-Based Algorithm for On-Line Training
@@ -80,7 +88,7 @@ from __future__ import annotations
 import numbers
 from typing import NamedTuple
 
-POLICIES = ("new", "window", "last")
+LOSSES = ("new", "window", "last")
 
 
 class Update(NamedTuple):
@@ -110,19 +118,19 @@ def check_positive_int(name: str, value) -> int:
   return int(value)
 
 
-def check_policy(policy) -> str:
-  """Returns ``policy`` or raises a ValueError listing the allowed ones."""
-  if not isinstance(policy, str) or policy not in POLICIES:
+def check_losses(losses) -> str:
+  """Returns ``losses`` or raises a ValueError listing the allowed values."""
+  if not isinstance(losses, str) or losses not in LOSSES:
     raise ValueError(
-        f"policy must be one of {POLICIES}, got policy={policy!r}."
+        f"losses must be one of {LOSSES}, got losses={losses!r}."
     )
-  return policy
+  return losses
 
 
-def check_config(k1, k2, policy) -> tuple[int, int, str]:
+def check_config(k1, k2, losses) -> tuple[int, int, str]:
   """Validates a TBPTT(k1, k2) configuration; returns it normalised."""
   return (check_positive_int("k1", k1), check_positive_int("k2", k2),
-          check_policy(policy))
+          check_losses(losses))
 
 
 def update_ends(n: int, k1: int) -> list[int]:
@@ -133,19 +141,19 @@ def update_ends(n: int, k1: int) -> list[int]:
   return ends
 
 
-def injected(t: int, t_prev: int, k2: int, policy: str):
+def injected(t: int, t_prev: int, k2: int, losses: str):
   """The ``(tau, s)`` pairs injected by the update ending at ``t``."""
-  if policy == "new":
+  if losses == "new":
     return tuple(
         (tau, max(0, min(t - k2, tau - 1))) for tau in range(t_prev + 1, t + 1)
     )
   s = max(0, t - k2)
-  if policy == "window":
+  if losses == "window":
     return tuple((tau, s) for tau in range(s + 1, t + 1))
   return ((t, s),)
 
 
-def schedule(n: int, k1: int, k2: int, policy: str = "new") -> list[Update]:
+def schedule(n: int, k1: int, k2: int, losses: str = "new") -> list[Update]:
   """The TBPTT(k1, k2) updates of a whole sequence of ``n`` steps.
 
   A pure-Python statement of the contract, used to lay out the fast paths,
@@ -155,7 +163,8 @@ def schedule(n: int, k1: int, k2: int, policy: str = "new") -> list[Update]:
     n: the sequence length.
     k1: steps between updates.
     k2: how many steps each update backpropagates through.
-    policy: ``"new"``, ``"window"`` or ``"last"`` (see the module docstring).
+    losses: which losses an update injects: ``"new"``, ``"window"`` or
+      ``"last"`` (see the module docstring).
 
   Returns:
     One :class:`Update` per update, in order.
@@ -167,9 +176,9 @@ def schedule(n: int, k1: int, k2: int, policy: str = "new") -> list[Update]:
     Update(t=2, injected=((2, 1),))
   """
   n = check_positive_int("n", n)
-  k1, k2, policy = check_config(k1, k2, policy)
+  k1, k2, losses = check_config(k1, k2, losses)
   updates, t_prev = [], 0
   for t in update_ends(n, k1):
-    updates.append(Update(t, injected(t, t_prev, k2, policy)))
+    updates.append(Update(t, injected(t, t_prev, k2, losses)))
     t_prev = t
   return updates

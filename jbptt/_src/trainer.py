@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
-from jbptt._src import adjoint, checks, options, segment, semantics
+from jbptt._src import adjoint, checks, segment, semantics, steps
+from jbptt._src import gradient as strategies
 from jbptt._src import truncated_loss as tl
 
 tree_map = jax.tree_util.tree_map
+
+# optax.apply_if_finite gives up skipping after this many non-finite updates
+# in a row: never, for the int32 counter it keeps.
+_NEVER = int(np.iinfo(np.int32).max)
 
 
 class History(NamedTuple):
@@ -21,13 +28,13 @@ class History(NamedTuple):
 
   Attributes:
     xs: the last ``L - 1`` inputs (``L = max(k1, k2)``), oldest first.
-    resets: the matching reset masks; ``None`` while the stream has had none
-      (then no step of an update selects between carries).
+    resets: the matching reset masks; ``None`` for a stream declared without
+      resets (then no step of an update selects between carries).
     anchor: the stream's carry after the last update.
     starts: for ``k1 < k2``, stored stream carries (leading axis): with
-      ``history="recompute"`` those after steps ``t - k2`` of the next
-      ``ceil(k2 / k1) - 1`` updates, with ``history="stored"`` the last
-      ``k2 - k1`` carries before the anchor; ``None`` for ``k1 >= k2``.
+      :class:`jbptt.Recompute` those after steps ``t - k2`` of the next
+      ``ceil(k2 / k1) - 1`` updates, with :class:`jbptt.StoredStates` the
+      last ``k2 - k1`` carries before the anchor; ``None`` for ``k1 >= k2``.
   """
 
   xs: Any
@@ -36,19 +43,42 @@ class History(NamedTuple):
   starts: Any
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Signature:
+  """What a state was made for: a static part of its pytree (no leaves).
+
+  ``update`` compares it with its own trainer's and refuses a state made by
+  another trainer.
+  """
+
+  k1: int
+  k2: int
+  losses: str
+  gradient: Any
+  resets: tuple[int, ...] | None  # the per-step reset shape, if declared
+
+  def differences(self, other: Signature) -> list[str]:
+    """``"name: theirs (ours)"`` for every field that differs."""
+    return [f"{f.name}={getattr(other, f.name)!r} (this trainer: "
+            f"{getattr(self, f.name)!r})" for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)]
+
+
 class TrainState(NamedTuple):
-  """The state of an online TBPTT(k1, k2) run.
+  """The state of an online TBPTT(k1, k2) run; its structure is fixed by
+  ``init``.
 
   Attributes:
     params: the current parameters.
-    opt_state: the optax optimizer's state.
+    opt_state: the optimizer's state: an ``optax.ApplyIfFiniteState`` whose
+      ``inner_state`` is the given optimizer's and whose ``total_notfinite``
+      counts the updates skipped as non-finite.
     carry: the stream's current carry (after the last step fed).
     initial_carry: the carry that a reset restores.
     step: how many stream steps have been fed (int32).
-    num_skipped: how many updates were skipped for a non-finite loss or
-      gradient (int32).
-    history: the buffers of the pending window, allocated by ``init`` when
-      it is given ``xs``, else by the first ``update`` (``None`` before).
+    history: the buffers of the pending window (:class:`History`).
+    signature: the trainer's configuration (static: no leaves).
   """
 
   params: Any
@@ -56,8 +86,8 @@ class TrainState(NamedTuple):
   carry: Any
   initial_carry: Any
   step: jax.Array
-  num_skipped: jax.Array
-  history: History | None
+  history: History
+  signature: Signature
 
 
 class Metrics(NamedTuple):
@@ -69,14 +99,19 @@ class Metrics(NamedTuple):
   update happened.
 
   Attributes:
-    loss: the mean of the losses the update injected (its objective).
+    loss: the update's objective, ``sum(total) / sum(weight)`` over its
+      injected steps (0 when the weights sum to 0).
+    weight: ``sum(weight)`` over its injected steps (their number, for plain
+      scalar losses). An update of weight 0 changes nothing: no optimizer
+      step, params and optimizer state kept.
     grad_norm: the global norm of its gradient.
     valid: whether an update ended in this slot.
-    skipped: whether the loss or gradient was not finite, so the update was
-      not applied (params and optimizer state kept).
+    skipped: whether its gradient was not finite, so that it was not applied
+      (``optax.apply_if_finite``: params and inner optimizer state kept).
   """
 
   loss: jax.Array
+  weight: jax.Array
   grad_norm: jax.Array
   valid: jax.Array
   skipped: jax.Array
@@ -89,43 +124,289 @@ class Trainer(NamedTuple):
   update: Callable[..., tuple[TrainState, Metrics]]
 
 
+class Layout(NamedTuple):
+  """The static shape of a trainer's windows.
+
+  Attributes:
+    k1, k2, losses: the configuration.
+    length: the window re-run or backpropagated at each update,
+      ``max(k1, k2)``.
+    n_own: the window's leading steps that see only their own step,
+      ``max(0, k1 - k2)``.
+    n_starts: the stored start states (see :class:`History`).
+    offset: where, in the ``k1`` new steps, a future window starts.
+    inject: a boolean ``(length,)``: the steps whose losses an update injects.
+    overlap: ``k1 < k2``.
+    stored: backpropagate through stored states (``k1 < k2`` only).
+  """
+
+  k1: int
+  k2: int
+  losses: str
+  length: int
+  n_own: int
+  n_starts: int
+  offset: int
+  inject: np.ndarray
+  overlap: bool
+  stored: bool
+
+
+def window_layout(k1: int, k2: int, losses: str, stored: bool) -> Layout:
+  """The :class:`Layout` of TBPTT(k1, k2) in a stream."""
+  overlap = k1 < k2
+  stored = stored and overlap
+  length = k2 if overlap else k1
+  if not overlap:
+    n_starts = 0
+  elif stored:
+    n_starts = k2 - k1
+  else:
+    n_starts = math.ceil(k2 / k1) - 1
+  taus = [tau for tau, _ in semantics.injected(length, length - k1, k2,
+                                                losses)]
+  return Layout(k1, k2, losses, length, max(0, k1 - k2), n_starts,
+                (-k2) % k1, tl.inject_mask(0, length, taus), overlap, stored)
+
+
 def _concat(a, b):
   return tree_map(lambda u, v: jnp.concatenate([u, v]), a, b)
-
-
-def _copy(tree):
-  """The leaves copied, so that no two leaves of a state share a buffer
-  (a state can then be donated: ``jax.jit(update, donate_argnums=0)``)."""
-  return tree_map(jnp.copy, tree)
 
 
 def _dslice(tree, start, size):
   return tree_map(lambda a: lax.dynamic_slice_in_dim(a, start, size), tree)
 
 
-def _all_resets(hist_resets, resets, m, pad):
-  """The reset masks of the history and the chunk, joined (time leading).
+def _strong(tree):
+  """Every leaf as a JAX array of its own dtype, not weakly typed (so that a
+  state keeps exactly its types through ``update``), in a buffer of its own
+  (so that a state can be donated)."""
+  return tree_map(lambda a: jnp.array(a, dtype=jnp.result_type(a)), tree)
 
-  ``None`` when neither has any: a stream without resets is traced without
-  them, so its steps make no selection between carries. Otherwise a missing
-  side is all false and both are broadcast to a common mask shape.
+
+def _per_step(xs):
+  """``ShapeDtypeStruct``s of one time step of ``xs`` (arrays or specs)."""
+  return tree_map(lambda a: jax.ShapeDtypeStruct(tuple(a.shape[1:]),
+                                                 jnp.dtype(a.dtype)), xs)
+
+
+def new_history(lay: Layout, carry, x_step, reset_shape) -> History:
+  """Empty buffers for a stream whose steps look like ``x_step``."""
+  pad = lay.length - 1
+  return History(
+      xs=tree_map(lambda s: jnp.zeros((pad,) + s.shape, s.dtype), x_step),
+      resets=None if reset_shape is None else jnp.zeros(
+          (pad,) + reset_shape, bool),
+      anchor=tree_map(jnp.copy, carry),
+      starts=tree_map(lambda a: jnp.repeat(a[None], lay.n_starts, axis=0),
+                      carry) if lay.overlap else None,
+  )
+
+
+def _newest(lay: Layout, tree):
+  """The window's last ``k1`` steps: those fed since the last update."""
+  return tree_map(lambda a: a[lay.length - lay.k1:], tree)
+
+
+def _valid(lay: Layout, t):
+  """Which steps of the window ending at stream step ``t`` exist (>= 1)."""
+  return (t - lay.length + 1 + jnp.arange(lay.length)) >= 1
+
+
+def recomputed_window(split, lay, remat, unroll, h0, params, anchor, starts,
+                      wx, wr, t):
+  """:class:`jbptt.Recompute`: the window re-run from its stored start.
+
+  Returns ``((total, weight), grads, h_end, starts)``: the sums of the
+  injected totals and weights, the gradient of the total, the stream's carry
+  after the window, and the updated stored starts.
   """
-  if hist_resets is None and resets is None:
-    return None
-  if hist_resets is None:
-    hist_resets = jnp.zeros((pad,) + resets.shape[1:], bool)
-  if resets is None:
-    resets = jnp.zeros((m,) + hist_resets.shape[1:], bool)
-  shape = jnp.broadcast_shapes(hist_resets.shape[1:], resets.shape[1:])
-  return jnp.concatenate([
-      jnp.broadcast_to(hist_resets, (pad,) + shape),
-      jnp.broadcast_to(resets, (m,) + shape),
-  ])
+  if lay.overlap:
+    valid = _valid(lay, t)
+    cx, cr = _newest(lay, (wx, wr))
+    before = lambda tree: tree_map(lambda a: a[:lay.offset], tree)
+    after = lambda tree: tree_map(lambda a: a[lay.offset:], tree)
+    h_mid, _ = segment.forward(split.cell, params, anchor, before(cx),
+                               before(cr), h0, unroll=unroll)
+    h_end, _ = segment.forward(split.cell, params, h_mid, after(cx),
+                               after(cr), h0, unroll=unroll)
+    queue = _concat(starts, tree_map(lambda a: a[None], h_mid))
+    start = tree_map(lambda a: a[0], queue)
+    starts = tree_map(lambda a: a[1:], queue)
+  else:
+    valid, start = None, anchor
+
+  def objective(p):
+    total, weight, h = segment.segment_loss(
+        split, p, start, wx, wr, valid, h0, n_own=lay.n_own,
+        inject=lay.inject, remat=remat, unroll=unroll,
+    )
+    return total, (weight, h)
+
+  (total, (weight, h)), grads = jax.value_and_grad(objective, has_aux=True)(
+      params)
+  return (total, weight), grads, (h_end if lay.overlap else h), starts
 
 
-def _all_finite(tree):
-  leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+def stored_window(split, lay, remat, unroll, h0, params, anchor, starts, wx,
+                  wr, t):
+  """:class:`jbptt.StoredStates`: backpropagation through stored states.
+
+  Returns what :func:`recomputed_window` returns.
+  """
+  valid = _valid(lay, t)
+  cx, cr = _newest(lay, (wx, wr))
+  h_end, hs = segment.forward(split.cell, params, anchor, cx, cr, h0,
+                              unroll=unroll)
+  prev = _concat(_concat(starts, tree_map(lambda a: a[None], anchor)),
+                 tree_map(lambda a: a[:-1], hs))
+  mask = jnp.asarray(lay.inject) & valid
+  keep = jnp.concatenate([jnp.zeros((1,), bool), valid[:-1]])
+  grads, _, (totals, weights) = adjoint.backprop(
+      lambda p, h, x, r: segment.masked_step(split.cell, p, h, x, r, None, h0),
+      split.head, params, prev, wx, wr, keep[:, None], mask[:, None],
+      remat=remat, unroll=unroll,
+  )
+  total = jnp.sum(jnp.where(mask, totals, jnp.zeros_like(totals)))
+  weight = jnp.sum(jnp.where(mask, weights, jnp.zeros_like(weights)))
+  return (total, weight), grads, h_end, tree_map(lambda a: a[lay.k1:], prev)
+
+
+def optimizer_step(optimizer, params, opt_state, grads, weight):
+  """One optax step with ``grads``, or none at all if ``weight`` is 0.
+
+  A ``cond``, not a select of both results: the skipped branch costs nothing
+  and the params are not copied at every update.
+  """
+
+  def apply(params_opt):
+    params, opt_state = params_opt
+    updates, new_state = optimizer.update(grads, opt_state, params)
+    new_state = tree_map(lambda a, b: jnp.asarray(a, jnp.result_type(b)),
+                         new_state, opt_state)
+    return optax.apply_updates(params, updates), new_state
+
+  return lax.cond(weight > 0, apply, lambda params_opt: params_opt,
+                  (params, opt_state))
+
+
+def _current(split, lay, unroll, h0, params, anchor, tail_x, tail_r, left):
+  """The stream's carry: the anchor advanced over the ``left`` steps fed
+  since the last update (the last ``left`` of ``tail_x``)."""
+  tail_valid = jnp.arange(lay.k1 - 1) >= (lay.k1 - 1 - left)
+  return lax.cond(
+      left > 0,
+      lambda: segment.forward(split.cell, params, anchor, tail_x, tail_r, h0,
+                              tail_valid, unroll=unroll)[0],
+      lambda: anchor,
+  )
+
+
+def _update(step_loss, split, optimizer, lay, remat, unroll, state, xs,
+            resets):
+  """One call of ``update``, traced: the scan over the chunk's updates."""
+  m = checks.time_length(xs)
+  checks.check_step(step_loss, state.params, state.carry,
+                    checks.first_step(xs))
+  hist = state.history
+  if resets is not None:
+    resets = checks.check_resets(resets, m, state.carry)
+    shape = hist.resets.shape[1:]
+    try:
+      resets = jnp.broadcast_to(resets, (m,) + shape)
+    except ValueError:
+      raise ValueError(
+          f"resets has per-step shape {resets.shape[1:]}; the stream was "
+          f"declared at init with per-step shape {shape}.") from None
+  elif hist.resets is not None:
+    resets = jnp.zeros((m,) + hist.resets.shape[1:], bool)
+  h0 = state.initial_carry
+  t0 = state.step
+  pad = lay.length - 1
+  buffered = hist.xs
+  if lay.overlap:  # steps before the stream's start: a real input, not 0s
+    before = t0 - pad + jnp.arange(pad) < 0
+    buffered = tree_map(
+        lambda b, x: jnp.where(
+            jnp.reshape(before, (pad,) + (1,) * (b.ndim - 1)), x[:1], b),
+        buffered, xs)
+  all_x = _concat(buffered, xs)
+  all_r = None if resets is None else jnp.concatenate([hist.resets, resets])
+  pending = t0 % lay.k1
+  n_slots = (lay.k1 - 1 + m) // lay.k1
+  window = stored_window if lay.stored else recomputed_window
+
+  def run_update(carry, j):
+    params, opt_state, anchor, starts = carry
+    first = j * lay.k1 - pending - 1  # index of the window's first step
+    t = t0 - pending + j * lay.k1  # the update's end, a stream step
+    wx = _dslice(all_x, first, lay.length)
+    wr = None if all_r is None else _dslice(all_r, first, lay.length)
+    (total, weight), grads, h_end, starts = window(
+        split, lay, remat, unroll, h0, params, anchor, starts, wx, wr, t)
+    grads = tree_map(lambda g: g * (1 / jnp.where(weight > 0, weight, 1))
+                     .astype(g.dtype), grads)
+    new_params, new_opt = optimizer_step(optimizer, params, opt_state, grads,
+                                         weight)
+    metrics = Metrics(
+        loss=tl.weighted_mean(total, weight),
+        weight=weight,
+        grad_norm=optax.tree.norm(grads),
+        valid=jnp.array(True),
+        skipped=(weight > 0) & ~new_opt.last_finite,
+    )
+    return (new_params, new_opt, h_end, starts), metrics
+
+  def slot(carry, j):
+    if m % lay.k1 == 0:  # every slot holds an update
+      return run_update(carry, j)
+    shapes = jax.eval_shape(run_update, carry, j)[1]
+    skip = lambda c, _: (c, tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                     shapes))
+    return lax.cond(j * lay.k1 - pending <= m, run_update, skip, carry, j)
+
+  left = (pending + m) % lay.k1
+  tail = lambda a: a[-(lay.k1 - 1):]
+
+  def slot_and_carry(carry, j):
+    """A slot; after the last one, also the stream's current carry.
+
+    The current carry is made inside the loop, in a buffer the loop
+    carries, rather than after it: XLA:CPU may share a buffer defined
+    after the loop with the loop's temporaries, and a shared buffer
+    orders kernels that could otherwise run at once.
+    """
+    inner, stream = carry
+    inner, metrics = slot(inner, j)
+    params, _, anchor, _ = inner
+    if lay.k1 == 1:  # no steps after the last update
+      return (inner, anchor), metrics
+    stream = lax.cond(
+        j == n_slots,
+        lambda: _current(split, lay, unroll, h0, params, anchor,
+                         tree_map(tail, all_x),
+                         None if all_r is None else tail(all_r), left),
+        lambda: stream,
+    )
+    return (inner, stream), metrics
+
+  init_carry = (state.params, state.opt_state, hist.anchor, hist.starts)
+  ((params, opt_state, anchor, starts), carry), metrics = lax.scan(
+      slot_and_carry, (init_carry, state.carry), jnp.arange(1, n_slots + 1)
+  )
+  keep_last = lambda a: a[a.shape[0] - pad:]
+  history = History(
+      xs=tree_map(keep_last, _concat(hist.xs, xs)),
+      resets=None if all_r is None else keep_last(all_r),
+      anchor=anchor,
+      starts=starts,
+  )
+  new_state = TrainState(params, opt_state, carry, h0, t0 + m, history,
+                         state.signature)
+  # Exactly the structure, shapes and dtypes it was given.
+  new_state = tree_map(lambda a, b: jnp.asarray(a, jnp.result_type(b)),
+                       new_state, state)
+  return new_state, metrics
 
 
 def trainer(
@@ -134,76 +415,76 @@ def trainer(
     *,
     k1: int,
     k2: int,
-    policy: str = "new",
-    history: str = "recompute",
-    remat=None,
-    unroll: int | bool | None = None,
+    losses: str = "new",
+    gradient: strategies.Recompute | strategies.StoredStates = (
+        strategies.RECOMPUTE),
+    unroll: int | bool = 1,
 ) -> Trainer:
   """Online TBPTT(k1, k2): train on a stream fed in chunks of any length.
 
   The stream's carry advances with the params current at each step. Every
-  ``k1`` stream steps an update ends at ``t``: the window is re-run from the
-  stored stream state after step ``s`` (``t - k2``, see
-  :mod:`jbptt._src.semantics`) with the current params, the gradient of the
-  injected losses is divided by their number, passed to ``optimizer`` and
-  applied. ``update`` runs a whole chunk as one jitted XLA program (a scan
-  over its updates with the optax step inside); steps left over when the
-  chunk is not a multiple of ``k1`` wait in the state, so splitting a stream
-  into pieces of any lengths gives the same params as one call on the whole.
+  ``k1`` stream steps an update ends at ``t``: by default
+  (:class:`jbptt.Recompute`) the window is re-run from the stored stream
+  state after step ``s`` (``t - k2``, see :mod:`jbptt._src.semantics`) with
+  the current params; the gradient of the injected totals divided by their
+  weight (:class:`jbptt.WeightedLoss`; their number for plain losses) is
+  passed to ``optimizer`` and applied. ``update`` runs a whole chunk as one
+  jitted XLA program (a scan over its updates with the optax step inside);
+  steps left over when the chunk is not a multiple of ``k1`` wait in the
+  state, so splitting a stream into pieces of any lengths gives the same
+  params as one call on the whole.
 
-  An update whose loss or gradient is not finite is skipped: params and
-  optimizer state are kept, ``Metrics.skipped`` marks it and
-  ``TrainState.num_skipped`` counts it; the stream's carry still advances.
+  Safety: ``optimizer`` is wrapped in ``optax.apply_if_finite`` (without a
+  limit), so an update whose gradient is not finite is not applied: params
+  and the optimizer's state are kept, ``Metrics.skipped`` marks it and
+  ``state.opt_state.total_notfinite`` counts it. An update whose weights sum
+  to 0 makes no optimizer step at all (``Metrics.weight`` shows it). The
+  stream's carry advances in both cases.
 
   Args:
-    step_loss: ``step_loss(params, carry, x) -> (carry, loss)``; scalar loss
-      (average it over the batch inside).
+    step_loss: ``step_loss(params, carry, x) -> (carry, loss)``; ``loss`` a
+      scalar (average it over the batch inside) or a
+      :class:`jbptt.WeightedLoss`. A step made by :func:`jbptt.cell_loss` is
+      scanned as its cell alone, its read-out evaluated once per window.
     optimizer: an ``optax.GradientTransformation``.
     k1: steps between updates (positive int).
     k2: steps each update backpropagates through (positive int).
-    policy: ``"new"`` (default), ``"window"`` or ``"last"``.
-    history: how an update backpropagates through its window.
-      ``"recompute"`` (default): the window is re-run from the stored state
-      ``h_s`` with the current params and differentiated, as above.
-      ``"stored"``: Williams & Peng's BPTT(h; h0): the stream's states of
-      the last ``k2`` steps are stored as the stream computed them (each with
-      the params current at its step) and nothing is re-run; the gradient
-      backpropagates through those stored states, step ``j``'s Jacobians and
-      loss taken at (current params, stored ``h_(j-1)``, ``x_j``): all steps
-      of the window are linearised at once (in parallel over time), then one
-      sequential reverse pass carries the adjoint. For ``k1 >= k2`` every
-      window lies within the steps run since the last update, so the stored
-      states are the re-run ones and both give the same gradient (the same
-      code runs). For ``k1 < k2`` the states older than ``t - k1`` were
-      computed with older params, so the gradient differs from the default
-      by terms of the order of the params' change over the window; it is
-      cheaper (no re-run of the window, no second forward pass).
-    remat: ``None`` (default) or a ``jax.checkpoint`` policy (e.g.
-      ``jax.checkpoint_policies.nothing_saveable``) to trade compute for
-      memory in the window's backward pass: with ``"recompute"`` every step
-      of the window is wrapped in ``jax.checkpoint(step_loss, policy=remat)``;
-      with ``"stored"`` each step is linearised inside the reverse pass
-      instead of all at once. The result is the same.
+    losses: which losses an update injects: ``"new"`` (default), ``"window"``
+      or ``"last"`` (see :mod:`jbptt._src.semantics`).
+    gradient: how an update backpropagates through its window:
+      :class:`jbptt.Recompute` (default; re-run the window, the contract's
+      gradient exactly) or :class:`jbptt.StoredStates` (backpropagate
+      through the states the stream stored, cheaper for ``k1 < k2``), each
+      with its ``remat`` policy.
     unroll: steps per iteration of the per-step scans (the stream's advance,
       the window's forward and reverse passes), passed to ``jax.lax.scan``:
-      a positive int, ``True`` for fully unrolled loops, or ``None`` (the
-      default) for 8 when JAX's default backend is a GPU and 1 otherwise
-      (read when ``update`` is traced). The result is the same. On an H100
-      GPU 8 ran about twice as fast as 1; on a 2-core CPU 1 suits large cells
-      and 4 to 8 can be faster for small ones (each step a few tiny kernels, e.g.
-      online training with batch 1) (measured: README, Performance).
+      a positive int or ``True``. The result is the same; see the speed
+      guide for which to choose per backend.
 
   Returns:
-    A :class:`Trainer` with ``init(params, carry, xs=None, resets=None) ->
-    TrainState`` and ``update(state, xs, resets=None) -> (TrainState,
-    Metrics)``. ``resets`` is an optional boolean ``(len(xs),) + S`` mask
-    (``S`` a leading prefix of the carry leaves' shapes): where it is true the
-    carry is replaced by the initial carry before the step and no gradient
-    crosses the boundary. The history buffers are allocated by ``init`` when
-    it is given a chunk of the stream ``xs`` (and ``resets``, if the stream
-    has them; only their shapes and first step are used), otherwise by the
-    first ``update``. A state with its buffers allocated is the template that
-    :func:`jbptt.checkpoint.restore` needs.
+    A :class:`Trainer`:
+
+    * ``init(params, carry, xs, resets=None) -> TrainState``. ``xs`` is a
+      chunk of the stream or a pytree of ``jax.ShapeDtypeStruct`` (its time
+      length does not matter); ``resets`` a mask or a ``ShapeDtypeStruct``
+      of shape ``(T,) + S``: giving it declares that the stream has resets
+      of per-step shape ``S`` (a leading prefix of the carry leaves' shapes).
+      The state's structure, shapes and dtypes are then fixed: it is a
+      complete template for :func:`jbptt.checkpoint.restore`.
+    * ``update(state, xs, resets=None) -> (TrainState, Metrics)``:
+      ``resets`` is a boolean ``(len(xs),) + S`` mask: where it is true the
+      carry is replaced by the initial carry before the step and no gradient
+      crosses the boundary. The returned state has exactly the structure of
+      the given one, so ``update`` can be scanned.
+
+  Raises:
+    ValueError: for a bad ``k1``, ``k2``, ``losses``, ``remat`` or
+      ``unroll`` (at once); in ``update``, for a state made by another
+      trainer or for another stream (naming what differs), or resets given
+      to a stream declared without them.
+    TypeError: for an ``optimizer`` or ``gradient`` of the wrong type (at
+      once), or a ``step_loss`` that changes the carry or returns a
+      non-scalar loss.
 
   Examples:
     >>> import jax.numpy as jnp, optax, jbptt
@@ -211,8 +492,9 @@ def trainer(
     ...   h = jnp.tanh(w * h + x)
     ...   return h, (h - 0.5) ** 2
     >>> tr = jbptt.trainer(step_loss, optax.sgd(0.1), k1=4, k2=8)
-    >>> state = tr.init(jnp.float32(0.3), jnp.float32(0.0))
-    >>> state, metrics = tr.update(state, jnp.ones(10))
+    >>> xs = jnp.ones(10)
+    >>> state = tr.init(jnp.float32(0.3), jnp.float32(0.0), xs)
+    >>> state, metrics = tr.update(state, xs)
     >>> metrics.loss.shape, int(state.step)
     ((3,), 10)
 
@@ -220,10 +502,9 @@ def trainer(
     Williams & Peng, An Efficient Gradient-Based Algorithm for On-Line
     Training of Recurrent Network Trajectories, Neural Computation, 1990.
   """
-  k1, k2, policy = semantics.check_config(k1, k2, policy)
-  stored = options.check_history(history) == "stored" and k1 < k2
-  remat = options.check_remat(remat)
-  unroll_option = options.check_unroll(unroll)
+  k1, k2, losses = semantics.check_config(k1, k2, losses)
+  gradient = strategies.check_gradient(gradient)
+  unroll = strategies.check_unroll(unroll)
   if not isinstance(optimizer, optax.GradientTransformation) and not (
       hasattr(optimizer, "init") and hasattr(optimizer, "update")
   ):
@@ -231,239 +512,75 @@ def trainer(
         "optimizer must be an optax.GradientTransformation, got "
         f"{type(optimizer).__name__}."
     )
-  overlap = k1 < k2
-  length = k2 if overlap else k1  # the window re-run at each update
-  n_own = max(0, k1 - k2)
-  if not overlap:
-    n_starts = 0
-  elif stored:
-    n_starts = k2 - k1
-  else:
-    n_starts = math.ceil(k2 / k1) - 1
-  offset = (-k2) % k1  # where, in a chunk, a future window starts
-  taus = [tau for tau, _ in semantics.injected(length, length - k1, k2, policy)]
-  inject = tl.inject_mask(0, length, taus)
-  window_step = options.rematted(step_loss, remat)
+  safe = optax.apply_if_finite(optimizer, max_consecutive_errors=_NEVER)
+  lay = window_layout(k1, k2, losses,
+                      isinstance(gradient, strategies.StoredStates))
+  split = steps.split(step_loss)
 
-  def init(params, carry, xs=None, resets=None) -> TrainState:
-    carry = checks.as_arrays(carry)
-    state = TrainState(
-        params=params,
-        opt_state=optimizer.init(params),
-        carry=carry,
-        initial_carry=_copy(carry),
-        step=jnp.zeros((), jnp.int32),
-        num_skipped=jnp.zeros((), jnp.int32),
-        history=None,
-    )
-    if xs is None:
-      if resets is not None:
-        raise ValueError("init: resets given without xs.")
-      return state
-    return allocate(state, xs, resets)
+  def signature(reset_shape):
+    return Signature(k1, k2, losses, gradient, reset_shape)
 
-  def new_history(state, xs, reset_shape):
-    pad = length - 1
-    return History(
-        xs=tree_map(lambda a: jnp.repeat(a[:1], pad, axis=0), xs),
-        resets=None if reset_shape is None else jnp.zeros(
-            (pad,) + reset_shape, bool
-        ),
-        anchor=_copy(state.carry),
-        starts=tree_map(
-            lambda a: jnp.repeat(a[None], n_starts, axis=0), state.carry
-        ) if overlap else None,
-    )
-
-  def _update(state: TrainState, xs, resets):
-    unroll = options.resolved_unroll(unroll_option)
-    m = checks.time_length(xs)
-    checks.check_step(step_loss, state.params, state.carry, checks.first_step(xs))
-    hist = state.history
-    if resets is not None:
-      resets = checks.check_resets(resets, m, state.carry)
-    all_x = _concat(hist.xs, xs)
-    all_r = _all_resets(hist.resets, resets, m, length - 1)
-    h0 = state.initial_carry
-    t0 = state.step
-    pending = t0 % k1
-    n_slots = (k1 - 1 + m) // k1
-    loss_dtype = jax.eval_shape(
-        step_loss, state.params, state.carry, checks.first_step(xs)
-    )[1].dtype
-
-    def forward(params, h, xs, resets, start, stop):
-      sl = lambda a: a[start:stop]
-      return segment.forward(
-          step_loss, params, h, tree_map(sl, xs), tree_map(sl, resets), h0,
-          unroll=unroll,
-      )
-
-    def newest(tree):
-      """The window's last ``k1`` steps: those fed since the last update."""
-      return tree_map(lambda a: a[length - k1:], tree)
-
-    def recomputed_window(params, anchor, starts, wx, wr, t):
-      """The window re-run from its stored start with the current params."""
-      if overlap:
-        valid = (t - length + 1 + jnp.arange(length)) >= 1
-        cx, cr = newest((wx, wr))
-        h_mid, _ = forward(params, anchor, cx, cr, 0, offset)
-        h_end, _ = forward(params, h_mid, cx, cr, offset, k1)
-        queue = _concat(starts, tree_map(lambda a: a[None], h_mid))
-        start = tree_map(lambda a: a[0], queue)
-        starts = tree_map(lambda a: a[1:], queue)
-        count = jnp.sum(jnp.asarray(inject) & valid)
-      else:
-        valid, start, count = None, anchor, len(taus)
-
-      def objective(p):
-        total, h = segment.segment_loss(
-            window_step, p, start, wx, wr, valid, h0, n_own=n_own,
-            inject=inject, unroll=unroll,
-        )
-        return total / count, h
-
-      (loss, h), grads = jax.value_and_grad(objective, has_aux=True)(params)
-      return (loss, grads), (h_end if overlap else h), starts
-
-    def stored_window(params, anchor, starts, wx, wr, t):
-      """Backpropagation through the stored states of the window."""
-      valid = (t - length + 1 + jnp.arange(length)) >= 1
-      cx, cr = newest((wx, wr))
-      h_end, hs = forward(params, anchor, cx, cr, 0, k1)
-      prev = _concat(_concat(starts, tree_map(lambda a: a[None], anchor)),
-                     tree_map(lambda a: a[:-1], hs))
-      mask = jnp.asarray(inject) & valid
-      seed = mask.astype(loss_dtype) / jnp.sum(mask).astype(loss_dtype)
-      keep = jnp.concatenate([jnp.zeros((1,), bool), valid[:-1]])
-      grads, _, losses = adjoint.backprop(
-          lambda p, h, x, r: segment.masked_step(step_loss, p, h, x, r, None, h0),
-          params, prev, wx, wr, keep[:, None], seed[:, None],
-          sequential=remat is not None, unroll=unroll,
-      )
-      loss = jnp.sum(jnp.where(mask, losses, jnp.zeros_like(losses)) * seed)
-      return (loss, grads), h_end, tree_map(lambda a: a[k1:], prev)
-
-    def run_update(carry, j):
-      params, opt_state, anchor, starts, n_skipped = carry
-      first = j * k1 - pending - 1  # index of the window's first step
-      t = t0 - pending + j * k1  # the update's end, a stream step
-      wx = _dslice(all_x, first, length)
-      wr = _dslice(all_r, first, length)
-      if stored:
-        (loss, grads), h_end, starts = stored_window(
-            params, anchor, starts, wx, wr, t
-        )
-      else:
-        (loss, grads), h_end, starts = recomputed_window(
-            params, anchor, starts, wx, wr, t
-        )
-      finite = _all_finite(loss) & _all_finite(grads)
-
-      def apply(params_opt):
-        params, opt_state = params_opt
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-      # A cond, not a select of both results: the skipped branch costs
-      # nothing and the params are not copied at every update.
-      new_params, new_opt_state = lax.cond(
-          finite, apply, lambda params_opt: params_opt, (params, opt_state)
-      )
-      carry = (
-          new_params,
-          new_opt_state,
-          h_end,
-          starts,
-          n_skipped + (~finite).astype(jnp.int32),
-      )
-      metrics = Metrics(
-          loss=loss,
-          grad_norm=optax.tree.norm(grads),
-          valid=jnp.array(True),
-          skipped=~finite,
-      )
-      return carry, metrics
-
-    def slot(carry, j):
-      if m % k1 == 0:  # every slot holds an update
-        return run_update(carry, j)
-      shapes = jax.eval_shape(run_update, carry, j)[1]
-      skip = lambda c, _: (c, tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
-      return lax.cond(j * k1 - pending <= m, run_update, skip, carry, j)
-
-    # The stream's current carry: the anchor after the last update advanced
-    # over the steps fed since (``left`` of them).
-    left = (pending + m) % k1
-
-    def current(params, anchor):
-      tail_x, tail_r = tree_map(lambda a: a[-(k1 - 1):], (all_x, all_r))
-      tail_valid = jnp.arange(k1 - 1) >= (k1 - 1 - left)
-      return lax.cond(
-          left > 0,
-          lambda: segment.forward(
-              step_loss, params, anchor, tail_x, tail_r, h0, tail_valid,
-              unroll=unroll,
-          )[0],
-          lambda: anchor,
-      )
-
-    def slot_and_carry(carry, j):
-      """A slot; after the last one, also the stream's current carry.
-
-      The current carry is made inside the loop, in a buffer the loop
-      carries, rather than after it: XLA:CPU may share a buffer defined
-      after the loop with the loop's temporaries, and a shared buffer
-      orders kernels that could otherwise run at once (measured: the
-      backward step's two matmuls, one after the other).
-      """
-      inner, stream = carry
-      inner, metrics = slot(inner, j)
-      params, _, anchor, _, _ = inner
-      if k1 == 1:  # no steps after the last update
-        return (inner, anchor), metrics
-      stream = lax.cond(
-          j == n_slots, lambda: current(params, anchor), lambda: stream
-      )
-      return (inner, stream), metrics
-
-    init_carry = (
-        state.params, state.opt_state, hist.anchor, hist.starts,
-        state.num_skipped,
-    )
-    ((params, opt_state, anchor, starts, n_skipped), carry), metrics = lax.scan(
-        slot_and_carry, (init_carry, state.carry), jnp.arange(1, n_slots + 1)
-    )
-
-    keep_last = lambda a: a[a.shape[0] - (length - 1):]
-    buffers = History(
-        xs=tree_map(keep_last, all_x),
-        resets=tree_map(keep_last, all_r),
-        anchor=anchor,
-        starts=starts,
-    )
-    new_state = TrainState(
-        params=params,
-        opt_state=opt_state,
-        carry=carry,
-        initial_carry=h0,
-        step=t0 + m,
-        num_skipped=n_skipped,
-        history=buffers,
-    )
-    return new_state, metrics
-
-  jitted = jax.jit(_update)
-
-  def allocate(state, xs, resets):
+  def init(params, carry, xs, resets=None) -> TrainState:
+    params, carry = _strong(params), _strong(checks.as_arrays(carry))
     checks.time_length(xs)
-    shape = None if resets is None else jnp.shape(resets)[1:]
-    return state._replace(history=new_history(state, xs, shape))
+    x_step = _per_step(xs)
+    checks.check_step(step_loss, params, carry, x_step)
+    reset_shape = None
+    if resets is not None:
+      reset_shape = tuple(resets.shape[1:])
+      checks.check_reset_shape(reset_shape, carry)
+    return TrainState(
+        params=params,
+        opt_state=_strong(safe.init(params)),
+        carry=carry,
+        initial_carry=tree_map(jnp.copy, carry),
+        step=jnp.zeros((), jnp.int32),
+        history=new_history(lay, carry, x_step, reset_shape),
+        signature=signature(reset_shape),
+    )
+
+  jitted = jax.jit(lambda state, xs, resets: _update(
+      step_loss, split, safe, lay, gradient.remat, unroll, state, xs, resets))
+
+  def check_state(state, xs, resets):
+    if not isinstance(state, TrainState):
+      raise TypeError(
+          f"update expects a jbptt.TrainState, got {type(state).__name__}.")
+    ours = signature(state.signature.resets)
+    if state.signature != ours:
+      raise ValueError(
+          "the state was made by another trainer: "
+          + ", ".join(ours.differences(state.signature))
+          + ". Make it with this trainer's init.")
+    want = jax.tree_util.tree_structure(jax.eval_shape(safe.init,
+                                                       state.params))
+    got = jax.tree_util.tree_structure(state.opt_state)
+    if want != got:
+      raise ValueError(
+          "the state's opt_state does not have this trainer's optimizer "
+          f"state structure: {got} given, {want} expected.")
+    if resets is not None and state.signature.resets is None:
+      raise ValueError(
+          "resets given to a stream declared without resets; declare them "
+          "at init: trainer.init(params, carry, xs, resets=...) with a mask "
+          "or a jax.ShapeDtypeStruct of shape (T,) + S.")
+    given = jax.tree_util.tree_structure(xs)
+    have = jax.tree_util.tree_structure(state.history.xs)
+    if given != have or any(
+        jnp.shape(a)[1:] != b.shape[1:] or jnp.result_type(a) != b.dtype
+        for a, b in zip(jax.tree_util.tree_leaves(xs),
+                        jax.tree_util.tree_leaves(state.history.xs))):
+      raise ValueError(
+          "xs does not match the stream declared at init: per-step "
+          f"{_describe(_per_step(xs))} given, "
+          f"{_describe(_per_step(state.history.xs))} declared.")
 
   def update(state: TrainState, xs, resets=None):
-    if state.history is None:  # allocate outside the jitted program
-      state = allocate(state, xs, resets)
+    check_state(state, xs, resets)
     return jitted(state, xs, resets)
 
   return Trainer(init=init, update=update)
+
+
+def _describe(spec) -> str:
+  return str(tree_map(lambda s: f"{s.dtype}{list(s.shape)}", spec))

@@ -7,15 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jbptt._src import adjoint, checks, options, segment, semantics
+from jbptt._src import adjoint, checks, segment, semantics, steps
+from jbptt._src import gradient as strategies
 
 tree_map = jax.tree_util.tree_map
 
 
 def inject_mask(start: int, length: int, taus) -> np.ndarray:
   """Marks the steps ``start+1 .. start+length`` that are in ``taus``."""
-  steps = start + 1 + np.arange(length)
-  return np.isin(steps, np.fromiter(taus, dtype=np.int64, count=len(taus)))
+  at = start + 1 + np.arange(length)
+  return np.isin(at, np.fromiter(taus, dtype=np.int64, count=len(taus)))
 
 
 def _n_own(t: int, k2: int, start: int) -> int:
@@ -26,81 +27,84 @@ def _take(tree, idx):
   return tree_map(lambda a: a[idx], tree)
 
 
-def _chunked(step_loss, params, carry, xs, resets, h0, n, k1, k2, policy,
+def _chunked(split, params, carry, xs, resets, h0, n, k1, k2, losses, remat,
              unroll):
   """k1 >= k2: consecutive chunks, one scan, cost of plain BPTT."""
   q = n // k1
-  total, count = 0.0, 0
+  total, weight = 0.0, 0.0
   h = carry
   t_prev = q * k1
   c_tail = max(0, n - k2)
   b_tail = k1 * (min(t_prev, c_tail) // k1)
   if q:
-    taus = [tau for tau, _ in semantics.injected(k1, 0, k2, policy)]
+    taus = [tau for tau, _ in semantics.injected(k1, 0, k2, losses)]
     inject = inject_mask(0, k1, taus)
     n_own = k1 - k2
 
     def chunk(h, inp):
       xc, rc = inp
-      loss_sum, h_end = segment.segment_loss(
-          step_loss, params, h, xc, rc, None, h0, n_own=n_own, inject=inject,
-          unroll=unroll,
+      total, weight, h_end = segment.segment_loss(
+          split, params, h, xc, rc, None, h0, n_own=n_own, inject=inject,
+          remat=remat, unroll=unroll,
       )
-      return h_end, (loss_sum, h)
+      return h_end, (total, weight, h)
 
     fold = lambda a: jnp.reshape(a[: q * k1], (q, k1) + a.shape[1:])
     rs = None if resets is None else fold(resets)
-    h, (sums, starts) = lax.scan(chunk, h, (tree_map(fold, xs), rs))
-    total = jnp.sum(sums)
-    count = q * len(taus)
+    h, (totals, weights, starts) = lax.scan(
+        chunk, h, (tree_map(fold, xs), rs))
+    total, weight = jnp.sum(totals), jnp.sum(weights)
     if n % k1 and b_tail < t_prev:
       h = tree_map(lambda a: a[b_tail // k1], starts)
   if n % k1:
-    taus = [tau for tau, _ in semantics.injected(n, t_prev, k2, policy)]
+    taus = [tau for tau, _ in semantics.injected(n, t_prev, k2, losses)]
     rs = None if resets is None else resets[b_tail:]
-    loss_sum, h = segment.segment_loss(
-        step_loss, params, h, _take(xs, slice(b_tail, n)), rs, None, h0,
+    tail_total, tail_weight, h = segment.segment_loss(
+        split, params, h, _take(xs, slice(b_tail, n)), rs, None, h0,
         n_own=_n_own(n, k2, b_tail),
-        inject=inject_mask(b_tail, n - b_tail, taus), unroll=unroll,
+        inject=inject_mask(b_tail, n - b_tail, taus), remat=remat,
+        unroll=unroll,
     )
-    total = total + loss_sum
-    count += len(taus)
-  return total, count, h
+    total, weight = total + tail_total, weight + tail_weight
+  return total, weight, h
 
 
-def overlap_windows(n: int, k1: int, k2: int, policy: str):
+def overlap_windows(n: int, k1: int, k2: int, losses: str):
   """The windows ``(s, t, taus)`` of TBPTT(k1 < k2): each update's truncation
   state ``s``, end ``t`` and injected steps (one ``s`` per update)."""
   windows = []
-  for update in semantics.schedule(n, k1, k2, policy):
+  for update in semantics.schedule(n, k1, k2, losses):
     s = max(0, update.t - k2)
     assert all(s_tau == s for _, s_tau in update.injected)
     windows.append((s, update.t, tuple(tau for tau, _ in update.injected)))
   return windows
 
 
-def _overlapping(step_loss, params, carry, xs, resets, h0, n, k1, k2, policy,
-                 sequential, unroll):
+def _overlapping(split, params, carry, xs, resets, h0, n, k1, k2, losses,
+                 remat, unroll):
   """k1 < k2: one forward pass, then every window's adjoint in one pass.
 
   With fixed params all overlapping windows run through the same states, so
   the forward pass is shared and the reverse pass carries the adjoints of
   the windows active at each step as one batch (:mod:`jbptt._src.adjoint`).
   """
-  tables = adjoint.window_tables(n, overlap_windows(n, k1, k2, policy))
-  weights = tables.seed.sum(1)
+  tables = adjoint.window_tables(n, overlap_windows(n, k1, k2, losses))
+  multiplicity = tables.seed.sum(1)
 
-  def step(p, h, x, r, h0):
-    return segment.masked_step(step_loss, p, h, x, r, None, h0)
+  def cell(p, h, x, r, h0):
+    return segment.masked_step(split.cell, p, h, x, r, None, h0)
 
   def run(params, carry, xs, resets, h0):
     def body(h, inp):
-      h, loss = step(params, h, *inp, h0)
-      return h, (h, loss)
+      h, out = cell(params, h, *inp, h0)
+      return h, (h, out)
 
-    h, (hs, losses) = lax.scan(body, carry, (xs, resets), unroll=unroll)
-    total = jnp.sum(losses * jnp.asarray(weights, losses.dtype))
-    return (total, h), hs
+    h, (hs, outs) = lax.scan(body, carry, (xs, resets), unroll=unroll)
+    totals, weights = split.head(params, outs, xs)
+    mult = jnp.asarray(multiplicity, totals.dtype)
+    total = jnp.sum(totals * mult)
+    weight = lax.stop_gradient(jnp.sum(weights * mult))
+    return (total, weight, h), hs
 
   @jax.custom_vjp
   def total_loss(params, carry, xs, resets, h0):
@@ -117,20 +121,28 @@ def _overlapping(step_loss, params, carry, xs, resets, h0, n, k1, k2, policy,
         lambda a, b: jnp.concatenate([a[None], b[:-1]]), carry, hs
     )
     d_params, d_xs, _ = adjoint.backprop(
-        lambda p, h, x, r: step(p, h, x, r, h0), params, hs_prev, xs, resets,
-        jnp.asarray(tables.keep), jnp.asarray(tables.seed, g.dtype) * g,
-        sequential=sequential, unroll=unroll,
+        lambda p, h, x, r: cell(p, h, x, r, h0), split.head, params, hs_prev,
+        xs, resets, jnp.asarray(tables.keep),
+        jnp.asarray(tables.seed, g.dtype) * g, remat=remat, unroll=unroll,
     )
     return d_params, None, d_xs, None, None
 
   total_loss.defvjp(fwd, bwd)
-  total, final = total_loss(params, carry, xs, resets, h0)
-  return total, tables.count, final
+  return total_loss(params, carry, xs, resets, h0)
+
+
+def weighted_mean(total, weight):
+  """``total / weight``, and 0 where ``weight`` is 0 (nothing injected
+  counts); ``weight`` carries no gradient."""
+  weight = lax.stop_gradient(weight)
+  positive = weight > 0
+  return jnp.where(positive, total, 0.0) / jnp.where(positive, weight, 1.0)
 
 
 def truncated_loss(
-    step_loss, *, k1: int, k2: int, policy: str = "new", remat=None,
-    unroll: int | bool | None = None,
+    step_loss, *, k1: int, k2: int, losses: str = "new",
+    gradient: strategies.Recompute = strategies.RECOMPUTE,
+    unroll: int | bool = 1,
 ):
   """The TBPTT(k1, k2) loss of a whole sequence with fixed parameters.
 
@@ -145,56 +157,58 @@ def truncated_loss(
   so all overlapping windows run through the same states: one forward pass
   stores them, and one reverse pass carries the adjoints of the (at most
   ``ceil(k2 / k1) + 1``) windows active at each step together as a batch,
-  dropping each at its truncation state; every step is linearised once (all
-  steps at once, in parallel) and the params and ``xs`` cotangents are taken
-  once from the sum of the windows' adjoints (:mod:`jbptt._src.adjoint`).
-  That path is a ``jax.custom_vjp``: reverse mode only (``jax.grad``,
-  ``jax.vjp``), no forward mode (``jax.jvp``).
+  dropping each at its truncation state; every step is linearised once and
+  the params and ``xs`` cotangents are taken once from the sum of the
+  windows' adjoints (:mod:`jbptt._src.adjoint`). That path is a
+  ``jax.custom_vjp``: reverse mode only (``jax.grad``, ``jax.vjp``), no
+  forward mode (``jax.jvp``).
+
+  A step made by :func:`jbptt.cell_loss` is scanned as its cell alone; its
+  ``loss_fn`` is evaluated once over all the outputs of each window (for
+  ``k1 < k2``, of the sequence), vectorised over time.
 
   Args:
-    step_loss: ``step_loss(params, carry, x) -> (carry, loss)`` with a scalar
-      loss; the carry keeps its structure, shapes and dtypes.
+    step_loss: ``step_loss(params, carry, x) -> (carry, loss)``; ``loss`` a
+      scalar or a :class:`jbptt.WeightedLoss`; the carry keeps its
+      structure, shapes and dtypes.
     k1: steps between updates (positive int).
     k2: steps each update backpropagates through (positive int).
-    policy: which losses an update injects: ``"new"`` (those of its own
+    losses: which losses an update injects: ``"new"`` (those of its own
       ``k1`` steps, the default), ``"window"`` (all of its last ``k2``) or
       ``"last"`` (only the loss at its end; sequence-to-one).
-    remat: ``None`` (the default) or a ``jax.checkpoint`` policy, e.g.
-      ``jax.checkpoint_policies.nothing_saveable``, to trade compute for
-      memory: for ``k1 >= k2`` every step is wrapped in
-      ``jax.checkpoint(step_loss, policy=remat)`` (the backward pass keeps
-      what the policy saves, e.g. only the carries, and recomputes the
-      rest); for ``k1 < k2`` each step is linearised inside the reverse pass
-      instead of all at once before it (memory: the states only). Values and
-      gradients are the same.
+    gradient: :class:`jbptt.Recompute` (the only strategy: with fixed params
+      stored and recomputed states are the same). Its ``remat``, a
+      ``jax.checkpoint`` policy, decides what of each step is kept for the
+      backward pass (for ``k1 >= k2`` each step runs under
+      ``jax.checkpoint(..., policy=remat)``; for ``k1 < k2`` each step's
+      linearisation keeps what the policy saves, one step after the other).
     unroll: steps per iteration of the per-step scans (forward and reverse),
-      passed to ``jax.lax.scan``: a positive int, ``True`` for a fully
-      unrolled loop, or ``None`` (the default) for 8 when JAX's default
-      backend is a GPU and 1 otherwise (read when the loss is traced).
-      Values and gradients are the same. On an H100 GPU 8 ran about twice
-      as fast as 1; on a 2-core CPU, for small cells (where each step is a
-      few tiny kernels) 4 to 8 can be faster, for large ones 1 (measured:
-      README, Performance).
+      passed to ``jax.lax.scan``: a positive int or ``True`` (fully
+      unrolled). Values and gradients are the same; see the speed guide for
+      which to choose per backend.
 
   Returns:
     ``f(params, carry, xs, *, resets=None, initial_carry=None) ->
-    (loss, final_carry)``. ``loss`` is the mean of the injected step losses
-    (for ``"new"``: the mean loss of the sequence) and its gradient is the
-    TBPTT(k1, k2) gradient divided by their number. ``final_carry`` is the
-    carry after step ``n`` (held constant), ready for the next sequence.
-    ``resets`` is an optional boolean of shape ``(n,) + S`` (``S`` a leading
-    prefix of the carry leaves' shapes, e.g. ``(batch,)``): where it is true
-    the carry is replaced by ``initial_carry`` (default: ``carry``) before
-    the step, and no gradient crosses that boundary. ``carry`` and
-    ``initial_carry`` receive no gradient (they are held constant); float
-    ``xs`` do, integer ``xs`` get ``float0`` cotangents.
+    (loss, final_carry)``. ``loss`` is ``sum(total) / sum(weight)`` over every
+    injected step of every update (for plain scalar losses and ``"new"``:
+    the mean loss of the sequence; 0 if the weights sum to 0), and its
+    gradient the sum of the truncated gradients of the injected totals
+    divided by ``sum(weight)``. ``final_carry`` is the carry after step
+    ``n`` (held constant), ready for the next sequence. ``resets`` is an
+    optional boolean of shape ``(n,) + S`` (``S`` a leading prefix of the
+    carry leaves' shapes, e.g. ``(batch,)``): where it is true the carry is
+    replaced by ``initial_carry`` (default: ``carry``) before the step, and
+    no gradient crosses that boundary. ``carry`` and ``initial_carry``
+    receive no gradient (they are held constant); float ``xs`` do, integer
+    ``xs`` get ``float0`` cotangents.
 
   Raises:
-    ValueError: for a bad ``k1``, ``k2``, ``policy``, ``remat`` or ``unroll``
-      (at once), or ``xs`` leaves with different time lengths or bad
-      ``resets`` (at trace time).
-    TypeError: (at trace time) if ``step_loss`` changes the carry or returns
-      a non-scalar loss.
+    ValueError: for a bad ``k1``, ``k2``, ``losses``, ``remat`` or
+      ``unroll`` (at once), or ``xs`` leaves with different time lengths or
+      bad ``resets`` (at trace time).
+    TypeError: for a ``gradient`` that is not a :class:`jbptt.Recompute`
+      (at once); (at trace time) if ``step_loss`` changes the carry or
+      returns a non-scalar loss.
 
   Examples:
     >>> import jax, jax.numpy as jnp, jbptt
@@ -209,12 +223,12 @@ def truncated_loss(
     Williams & Peng, An Efficient Gradient-Based Algorithm for On-Line
     Training of Recurrent Network Trajectories, Neural Computation, 1990.
   """
-  k1, k2, policy = semantics.check_config(k1, k2, policy)
-  remat = options.check_remat(remat)
-  unroll_option = options.check_unroll(unroll)
+  k1, k2, losses = semantics.check_config(k1, k2, losses)
+  remat = _check_strategy(gradient).remat
+  unroll = _check_unroll(unroll)
+  split = steps.split(step_loss)
 
   def loss_fn(params, carry, xs, *, resets=None, initial_carry=None):
-    unroll = options.resolved_unroll(unroll_option)
     n = checks.time_length(xs)
     carry = checks.as_arrays(carry)
     h0 = carry if initial_carry is None else checks.as_arrays(initial_carry)
@@ -229,16 +243,22 @@ def truncated_loss(
       )
     if resets is not None:
       resets = checks.check_resets(resets, n, carry)
-    if k1 >= k2:
-      total, count, final = _chunked(
-          options.rematted(step_loss, remat), params, carry, xs, resets, h0,
-          n, k1, k2, policy, unroll,
-      )
-    else:
-      total, count, final = _overlapping(
-          step_loss, params, carry, xs, resets, h0, n, k1, k2, policy,
-          sequential=remat is not None, unroll=unroll,
-      )
-    return total / count, lax.stop_gradient(final)
+    path = _chunked if k1 >= k2 else _overlapping
+    total, weight, final = path(split, params, carry, xs, resets, h0, n, k1,
+                                k2, losses, remat, unroll)
+    return weighted_mean(total, weight), lax.stop_gradient(final)
 
   return loss_fn
+
+
+def _check_strategy(strategy):
+  if isinstance(strategy, strategies.StoredStates):
+    raise TypeError(
+        "truncated_loss takes gradient=jbptt.Recompute(...) only: with fixed "
+        "params the stored states are the recomputed ones (StoredStates is "
+        f"for jbptt.trainer), got gradient={strategy!r}."
+    )
+  return strategies.check_gradient(strategy, (strategies.Recompute,))
+
+
+_check_unroll = strategies.check_unroll

@@ -26,6 +26,18 @@ from typing import Callable
 
 import numpy as np
 
+__all__ = (
+    "BUILTIN",
+    "DataError",
+    "Task",
+    "adding",
+    "delayed_recall",
+    "get",
+    "mackey_glass",
+    "series_file",
+    "text_file",
+)
+
 
 class DataError(ValueError):
   """A user data file that cannot be used; the message says why."""

@@ -1,23 +1,28 @@
 """The ``jbptt`` command: ``compare``, ``train`` and ``schedule``.
 
-Bad input (k1 or k2 <= 0, an unknown task, an unusable data file, an --out
-that cannot be written, a checkpoint that cannot be resumed) exits with
-status 2 and one line on stderr; outputs are written to a temporary folder and
-moved in place only when complete, checkpoints atomically (orbax).
+The options take their defaults from :mod:`jbptt._cli.config`. Bad input (k1
+or k2 <= 0, an unknown task, an unusable data file, an --out that cannot be
+written, a checkpoint that cannot be resumed) exits with status 2 and one
+line on stderr; outputs are written to a temporary folder and moved in place
+only when complete, checkpoints atomically (orbax).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import logging
 import os
 import pathlib
 import shutil
 import sys
 import tempfile
 
-from jbptt._src import semantics
+from jbptt._cli.config import CELLS, COMPARE, OUT, TRAIN, RunConfig
+from jbptt._src.diagram import schedule_diagram
+from jbptt._src.semantics import LOSSES
+
+__all__ = ("UsageError", "main", "parser")
 
 MAX_DIAGRAM = 120
 
@@ -57,50 +62,11 @@ class _Parser(argparse.ArgumentParser):
 # -- schedule ------------------------------------------------------------------
 
 
-def diagram(n: int, k1: int, k2: int, policy: str = "new") -> str:
-  """A text picture of TBPTT(k1, k2) on ``n`` steps, one line per update.
-
-  In each line, step columns read: ``o`` a loss injected by this update, ``-``
-  a step its gradient passes through without a loss, ``|`` the state it is
-  truncated at (held constant), ``.`` a step it does not touch.
-  """
-  updates = semantics.schedule(n, k1, k2, policy)
-  width = len(str(n))
-  lines = [
-      f"TBPTT(k1={k1}, k2={k2}), policy {policy!r}, n={n}: "
-      f"{len(updates)} update{'s' * (len(updates) != 1)}",
-      "  o loss injected   - backpropagated through   | held constant "
-      "(truncation point)   . untouched",
-  ]
-  prefix = lambda t: f"t={t:>{width}}   "
-  digits = "".join(str(j % 10) for j in range(1, n + 1))
-  lines.append(" " * (len(prefix(0)) + 1) + digits)
-  for u in updates:
-    row = ["."] * (n + 1)  # index 0 is the initial state h_0
-    for tau, s in u.injected:
-      for j in range(s + 1, tau + 1):
-        if row[j] != "o":
-          row[j] = "-"
-    for tau, _ in u.injected:
-      row[tau] = "o"
-    cuts = {s for _, s in u.injected}
-    for s in cuts:
-      if row[s] == ".":
-        row[s] = "|"
-    lines.append(prefix(u.t) + "".join(row))
-  lines.append(
-      "column 0 is the initial state; each loss at tau is backpropagated to "
-      "the state after step s = max(0, min(t - k2, tau - 1))"
-      if policy == "new" else
-      "column 0 is the initial state; every loss is backpropagated to the "
-      "state after step max(0, t - k2)")
-  return "\n".join(lines)
-
-
 def cmd_schedule(args) -> int:
+  """``jbptt schedule``: prints :func:`jbptt.schedule_diagram`."""
   if args.n > MAX_DIAGRAM:
     raise UsageError(f"--n {args.n} is too long to draw; use at most {MAX_DIAGRAM}")
-  print(diagram(args.n, args.k1, args.k2, args.policy))
+  print(schedule_diagram(args.n, args.k1, args.k2, args.losses))
   return 0
 
 
@@ -189,20 +155,18 @@ def _progress(console):
                   transient=False)
 
 
-def _run(progress, task, config, args, **kwargs):
-  from jbptt import experiment
+def _run(progress, task, config, settings: RunConfig, **kwargs):
+  from jbptt._cli import experiment
 
   bar = progress.add_task(f"TBPTT{config.label}" if config.label[0] == "("
-                          else config.label, total=args.steps)
-  return experiment.run(
-      task, config, steps=args.steps, batch=args.batch, hidden=args.hidden,
-      lr=args.lr, cell=args.cell, seed=args.seed, unroll=args.unroll,
-      on_progress=lambda k: progress.advance(bar, k), **kwargs)
+                          else config.label, total=settings.steps)
+  return experiment.run(task, config, settings,
+                        on_progress=lambda k: progress.advance(bar, k), **kwargs)
 
 
-def _train_all(task, configs, args, console):
+def _train_all(task, configs, settings: RunConfig, console):
   with _progress(console) as progress:
-    return [_run(progress, task, config, args) for config in configs]
+    return [_run(progress, task, config, settings) for config in configs]
 
 
 def _write(results, task, out, extra=None):
@@ -217,11 +181,11 @@ def _write(results, task, out, extra=None):
     _commit(staging, out)
 
 
-def _task(args):
-  from jbptt import tasks
+def _task(settings: RunConfig):
+  from jbptt._cli import tasks
 
   try:
-    return tasks.get(getattr(args, "task", None), getattr(args, "data", None))
+    return tasks.get(settings.task, settings.data)
   except ValueError as e:  # DataError included
     raise UsageError(str(e)) from e
 
@@ -232,35 +196,44 @@ def _console():
   return Console(width=max(100, shutil.get_terminal_size().columns))
 
 
+def _given(args) -> dict:
+  """The settings given on the command line (options left out are None)."""
+  names = [f.name for f in dataclasses.fields(RunConfig)]
+  return {k: getattr(args, k) for k in names
+          if getattr(args, k, None) is not None}
+
+
 def cmd_compare(args) -> int:
-  task = _task(args)
+  """``jbptt compare``: the canonical configurations, side by side."""
+  settings = dataclasses.replace(COMPARE, **_given(args))
+  task = _task(settings)
   out = _prepare_out(args.out)
-  from jbptt import experiment
+  from jbptt._cli import experiment
 
   n, configs = experiment.canonical_configs(task)
   console = _console()
-  console.print(f"[bold]jbptt compare[/]: {task.description}; {args.steps} steps "
-                f"x {args.batch} streams; TBPTT(n, n) and TBPTT(1, n) on "
-                f"sequences of n = {n}; the others on the stream, carry flowing")
-  results = _train_all(task, configs, args, console)
-  console.print(_table(results, f"{task.description}, {args.steps} steps"))
+  console.print(f"[bold]jbptt compare[/]: {task.description}; {settings.steps} "
+                f"steps x {settings.batch} streams; TBPTT(n, n) and TBPTT(1, n) "
+                f"on sequences of n = {n}; the others on the stream, carry "
+                "flowing")
+  results = _train_all(task, configs, settings, console)
+  console.print(_table(results, f"{task.description}, {settings.steps} steps"))
   _write(results, task, out)
   console.print(f"wrote {out / 'results.json'} and {out / 'curves.png'}")
   return 0
 
 
-# The settings of a `train` run, saved with its checkpoints; `--resume` reads
-# them back. Options left out on the command line take these defaults.
-TRAIN_DEFAULTS = {"task": None, "data": None, "k1": None, "k2": None,
-                  "policy": "new", "steps": 6000, "seed": 0, "batch": 32,
-                  "hidden": 64, "lr": 1e-2, "cell": "lstm"}
+# A `train` run saves its settings (`RunConfig.saved()`) with its
+# checkpoints; `--resume` reads them back.
 CHECKPOINTS = "checkpoints"
 
 
-def _settings(args, saved=None) -> dict:
-  """The run's settings: the saved ones, else the given ones or defaults."""
-  given = {k: getattr(args, k) for k in TRAIN_DEFAULTS
-           if getattr(args, k) is not None}
+def _settings(args, saved=None) -> RunConfig:
+  """The run's settings: the saved ones, else the given ones or defaults.
+
+  ``unroll`` is not saved: it is always the given one.
+  """
+  given = _given(args)
   if given.get("data") is not None:
     given["data"] = str(pathlib.Path(given["data"]).absolute())
   if saved is None:
@@ -269,13 +242,14 @@ def _settings(args, saved=None) -> dict:
     for k in ("k1", "k2"):
       if k not in given:
         raise UsageError(f"--{k} is required (or --resume DIR)")
-    return {**TRAIN_DEFAULTS, **given}
+    return dataclasses.replace(TRAIN, **given)
   differ = [f"--{k} {v} (the run has {saved.get(k)})" for k, v in given.items()
-            if saved.get(k) != v]
+            if k in saved and saved[k] != v]
   if differ:
     raise UsageError("--resume continues a run with its own settings; these "
                      "differ: " + ", ".join(differ))
-  return dict(saved)
+  speed = {k: v for k, v in given.items() if k not in saved}
+  return RunConfig(**saved, **speed)
 
 
 def _resume_point(root: pathlib.Path):
@@ -291,14 +265,16 @@ def _resume_point(root: pathlib.Path):
   except checkpoint.CheckpointError as e:
     raise UsageError(f"--resume {str(root)!r}: {e}") from e
   if not isinstance(info, dict) or set(info) != {"run", "progress"} or set(
-      info["run"]) != set(TRAIN_DEFAULTS):
+      info["run"]) != set(RunConfig.saved_names()):
     raise UsageError(f"--resume {str(root)!r}: the checkpoint at step {step} "
                      "was not written by `jbptt train`")
   return step, info
 
 
 def cmd_train(args) -> int:
-  from jbptt import checkpoint, experiment
+  """``jbptt train``: one run, checkpointed, or ``--resume`` of one."""
+  from jbptt import checkpoint
+  from jbptt._cli import experiment
 
   saved = None
   if args.resume is not None:
@@ -309,19 +285,16 @@ def cmd_train(args) -> int:
     step, saved = _resume_point(pathlib.Path(args.resume))
     args.out = args.resume
   settings = _settings(args, None if saved is None else saved["run"])
-  vars(args).update(settings)
   if args.out is None:
-    args.out = "jbptt-out"
-  task = _task(args)
+    args.out = OUT
+  task = _task(settings)
   out = _prepare_out(args.out)
   ckpts = out / CHECKPOINTS
-  config = experiment.Config(f"TBPTT({args.k1}, {args.k2})", args.k1, args.k2,
-                             args.policy)
+  config = experiment.Config(f"TBPTT({settings.k1}, {settings.k2})",
+                             settings.k1, settings.k2, settings.losses)
   resume = None
   if saved is not None:
-    like = experiment.template(task, config, batch=args.batch,
-                               hidden=args.hidden, lr=args.lr, cell=args.cell,
-                               seed=args.seed)
+    like = experiment.template(task, config, settings)
     try:
       state = checkpoint.restore(ckpts, like, step=step)
     except checkpoint.CheckpointError as e:
@@ -334,14 +307,16 @@ def cmd_train(args) -> int:
 
   def save(state, progress):
     if int(state.step) > (0 if saved is None else step):
-      checkpoint.save(ckpts, state, info={"run": settings, "progress": progress})
+      checkpoint.save(ckpts, state, info={"run": settings.saved(),
+                                          "progress": progress})
 
   console = _console()
   if saved is not None:
-    console.print(f"resuming {out} at step {step} of {args.steps}")
+    console.print(f"resuming {out} at step {step} of {settings.steps}")
   with _progress(console) as progress:
-    result = _run(progress, task, config, args, resume=resume, on_chunk=save)
-  console.print(_table([result], f"{task.description}, {args.steps} steps"))
+    result = _run(progress, task, config, settings, resume=resume,
+                  on_chunk=save)
+  console.print(_table([result], f"{task.description}, {settings.steps} steps"))
   _write([result], task, out)
   console.print(f"wrote {out / 'results.json'}, {out / 'curves.png'} and "
                 f"{ckpts / str(int(result.state.step))}")
@@ -349,35 +324,45 @@ def cmd_train(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+  """The command's parser; defaults from :data:`jbptt._cli.config.COMPARE` /
+  :data:`~jbptt._cli.config.TRAIN`."""
   p = _Parser(prog="jbptt", description="Truncated BPTT, TBPTT(k1, k2), in JAX.")
   sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-  def common(q, steps, fill=True):
-    # With fill=False, options left out stay None (`train` fills them in).
-    d = lambda value: value if fill else None
-    q.add_argument("--out", default=d("jbptt-out"),
-                   help="output folder (default: jbptt-out)")
-    q.add_argument("--steps", type=_positive("--steps"), default=d(steps),
-                   help=f"stream steps per run (default: {steps})")
-    q.add_argument("--seed", type=int, default=d(0), help="(default: 0)")
-    q.add_argument("--batch", type=_positive("--batch"), default=d(32),
-                   help="parallel streams (default: 32)")
-    q.add_argument("--hidden", type=_positive("--hidden"), default=d(64),
-                   help="(default: 64)")
-    q.add_argument("--lr", type=_positive_float, default=d(1e-2),
+  def common(q, d: RunConfig, fill=True):
+    # With fill=False, options left out stay None (`train` fills them in,
+    # or takes them from the run it resumes).
+    default = lambda value: value if fill else None
+    q.add_argument("--out", default=default(OUT),
+                   help=f"output folder (default: {OUT})")
+    q.add_argument("--steps", type=_positive("--steps"), default=default(d.steps),
+                   help=f"stream steps per run (default: {d.steps})")
+    q.add_argument("--seed", type=int, default=default(d.seed),
+                   help=f"(default: {d.seed})")
+    q.add_argument("--batch", type=_positive("--batch"), default=default(d.batch),
+                   help=f"parallel streams (default: {d.batch})")
+    q.add_argument("--hidden", type=_positive("--hidden"),
+                   default=default(d.hidden), help=f"(default: {d.hidden})")
+    q.add_argument("--lr", type=_positive_float, default=default(d.lr),
                    help="Adam learning rate, gradients clipped at norm 1 "
-                   "(default: 0.01)")
-    q.add_argument("--cell", choices=["lstm", "gru", "mgu", "simple"],
-                   default=d("lstm"), help="(default: lstm)")
-    # Not a setting of the run: it changes the speed, never the result, so a
-    # resumed run may choose another.
-    q.add_argument("--unroll", type=_positive("--unroll"), default=None,
-                   help="steps per iteration of the per-step loops; changes "
-                   "the speed, not the result (default: 8 on a GPU, else 1)")
+                   f"(default: {d.lr})")
+    q.add_argument("--cell", choices=CELLS, default=default(d.cell),
+                   help=f"(default: {d.cell})")
+    # Not a saved setting of the run: it changes the speed, never the
+    # result, so a resumed run may choose another.
+    q.add_argument("--unroll", type=_positive("--unroll"), default=d.unroll,
+                   help="steps per iteration of the per-step loops "
+                   "(jbptt.trainer's unroll); changes the speed, not the "
+                   f"result (default: {d.unroll})")
+
+  losses_help = ("which losses each update injects: new (the steps since the "
+                 "previous update), window (every step of its k2 window) or "
+                 f"last (its last step) (default: {TRAIN.losses})")
 
   q = sub.add_parser("compare", help="the canonical configurations side by side")
-  q.add_argument("--task", default="recall", help="recall, adding or mackey-glass")
-  common(q, 12000)
+  q.add_argument("--task", default=COMPARE.task,
+                 help=f"recall, adding or mackey-glass (default: {COMPARE.task})")
+  common(q, COMPARE)
   q.set_defaults(run=cmd_compare)
 
   q = sub.add_parser("train", help="one TBPTT(k1, k2) run, checkpointed; "
@@ -385,65 +370,29 @@ def parser() -> argparse.ArgumentParser:
   src = q.add_mutually_exclusive_group()
   src.add_argument("--task", help="recall, adding or mackey-glass")
   src.add_argument("--data", help="a UTF-8 text file, or a .csv / .npy series")
-  q.add_argument("--k1", type=_positive("--k1"))
-  q.add_argument("--k2", type=_positive("--k2"))
-  q.add_argument("--policy", choices=semantics.POLICIES,
-                 help="(default: new)")
+  q.add_argument("--k1", type=_positive("--k1"), help="steps between updates")
+  q.add_argument("--k2", type=_positive("--k2"),
+                 help="steps each update backpropagates through")
+  q.add_argument("--losses", choices=LOSSES, help=losses_help)
   q.add_argument("--resume", metavar="DIR",
                  help="continue the run whose --out was DIR from its newest "
                  "checkpoint, with its settings, to its --steps")
-  common(q, 6000, fill=False)
+  common(q, TRAIN, fill=False)
   q.set_defaults(run=cmd_train)
 
   q = sub.add_parser("schedule", help="draw the TBPTT(k1, k2) schedule")
   q.add_argument("--n", type=_positive("--n"), required=True)
   q.add_argument("--k1", type=_positive("--k1"), required=True)
   q.add_argument("--k2", type=_positive("--k2"), required=True)
-  q.add_argument("--policy", choices=semantics.POLICIES, default="new")
+  q.add_argument("--losses", choices=LOSSES, default=TRAIN.losses,
+                 help=losses_help)
   q.set_defaults(run=cmd_schedule)
   return p
 
 
-def _quiet_closed_loop(hook):
-  """An unraisable-exception hook that drops tensorstore's late callbacks.
-
-  When orbax fails to read a damaged checkpoint, tensorstore reads still in
-  flight complete after orbax's event loop has closed and report
-  ``RuntimeError('Event loop is closed')``; the command has already said what
-  is wrong, so these are not shown.
-  """
-
-  def quiet(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == "Event loop is closed"):
-      hook(unraisable)
-
-  return quiet
-
-
-def _not_a_failed_read(record: logging.LogRecord) -> bool:
-  """A filter of asyncio's log that drops orbax's unretrieved read errors.
-
-  When orbax fails to read a damaged checkpoint, its other reads in flight
-  fail too; asyncio logs each as "Task exception was never retrieved", with a
-  traceback, when it is garbage collected. The command has already said what
-  is wrong, so these are not shown; any other record passes.
-  """
-  if "exception was never retrieved" not in record.getMessage().split("\n")[0]:
-    return True
-  exc = record.exc_info[1] if record.exc_info else None
-  tb = exc.__traceback__ if exc is not None else None
-  while tb is not None:
-    if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
-      return False
-    tb = tb.tb_next
-  return True
-
-
 def main(argv=None) -> int:
+  """Runs the command on ``argv`` (default: ``sys.argv[1:]``); the exit status."""
   args = parser().parse_args(argv)
-  sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
-  logging.getLogger("asyncio").addFilter(_not_a_failed_read)
   try:
     return args.run(args)
   except UsageError as e:

@@ -1,0 +1,313 @@
+"""Training runs on the built-in tasks: the engine of ``jbptt compare`` / ``train``.
+
+A small Flax recurrent model is trained online with :func:`jbptt.trainer` on
+``batch`` parallel streams of a :class:`jbptt._cli.tasks.Task`, then
+evaluated on held-out streams. The model is a recurrent Flax cell, the only
+thing the trainer scans, and a linear read-out head applied in the loss
+(:func:`jbptt.cell_loss`); both live in one params pytree. Nothing here
+truncates anything itself: TBPTT is the trainer's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jbptt
+from jbptt import flax as jf
+from jbptt._cli.config import TRAIN, RunConfig
+from jbptt._cli.tasks import Task
+
+__all__ = (
+    "CELLS",
+    "Config",
+    "Result",
+    "StreamModel",
+    "build",
+    "canonical_configs",
+    "evaluate",
+    "run",
+    "template",
+)
+
+# The keys are jbptt._cli.config.CELLS, the choices of --cell.
+CELLS = {
+    "lstm": nn.OptimizedLSTMCell,
+    "gru": nn.GRUCell,
+    "mgu": nn.MGUCell,
+    "simple": nn.SimpleCell,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamModel:
+  """A recurrent Flax cell and a linear read-out, as pure functions of params.
+
+  ``params = {"cell": ..., "readout": ...}`` (see :meth:`init`) holds the
+  variables of both. :meth:`cell` is the recurrence alone, what the trainer
+  scans; :meth:`head` maps its outputs to logits or predictions, outside the
+  recurrence, so it can be applied to all the steps of a window at once.
+
+  Attributes:
+    cell_type: a key of :data:`CELLS`.
+    hidden: the cell's width.
+    in_dim: input features (the vocabulary, for symbols).
+    out_dim: classes or regression outputs.
+    symbols: inputs are int symbols, one-hot encoded before the cell.
+  """
+
+  cell_type: str
+  hidden: int
+  in_dim: int
+  out_dim: int
+  symbols: bool
+
+  def _cell(self) -> nn.Module:
+    return CELLS[self.cell_type](self.hidden)
+
+  def _encode(self, x):
+    return (jax.nn.one_hot(x, self.in_dim, dtype=jnp.float32) if self.symbols
+            else x)
+
+  def cell(self, params, carry, x):
+    """``(carry, h)`` after one step of input ``x`` (the recurrence only)."""
+    return jf.linen_cell(self._cell())(params["cell"], carry, self._encode(x))
+
+  def head(self, params, h):
+    """The read-out of cell outputs ``h`` (any leading axes)."""
+    return nn.Dense(self.out_dim).apply(params["readout"], h)
+
+  def initialize_carry(self, batch: int):
+    """The initial carry of ``batch`` streams."""
+    return self._cell().initialize_carry(jax.random.key(0),
+                                         (batch, self.in_dim))
+
+  def init(self, key, carry, x):
+    """The params for a carry and one step's input ``x``, as Flax's ``init``."""
+    key_cell, key_head = jax.random.split(key)
+    cell = self._cell().init(key_cell, carry, self._encode(x))
+    _, h = self._cell().apply(cell, carry, self._encode(x))
+    return {"cell": cell,
+            "readout": nn.Dense(self.out_dim).init(key_head, h)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """One TBPTT configuration of a run.
+
+  ``seq_len`` cuts the stream into independent sequences of that length
+  (the carry is reset at each start); ``None`` lets the carry flow.
+  """
+
+  label: str
+  k1: int
+  k2: int
+  losses: str = TRAIN.losses
+  seq_len: int | None = None
+
+
+@dataclasses.dataclass
+class Result:
+  """What a run measured."""
+
+  config: str
+  k1: int
+  k2: int
+  updates: int
+  wall_s: float
+  steps_per_s: float
+  final_loss: float
+  final_accuracy: float | None
+  curve_step: list[int]
+  curve_loss: list[float]
+  state: Any = dataclasses.field(repr=False, default=None)
+
+  def summary(self) -> dict:
+    """The JSON row of ``results.json``."""
+    return {
+        "config": self.config, "k1": self.k1, "k2": self.k2,
+        "updates": self.updates, "wall_s": round(self.wall_s, 3),
+        "steps_per_s": round(self.steps_per_s, 1),
+        "final_loss": self.final_loss, "final_accuracy": self.final_accuracy,
+    }
+
+
+def canonical_configs(task: Task) -> tuple[int, list[Config]]:
+  """The five canonical configurations, sized to the task's context.
+
+  Returns ``(n, configs)``: ``n`` is the sequence length of TBPTT(n, n) and
+  TBPTT(1, n); ``k2`` of the others covers twice the context.
+  """
+  span = max(16, 2 * task.context)
+  n = span
+  return n, [
+      Config("(n, n) BPTT", n, n, seq_len=n),
+      Config("(1, n)", 1, n, seq_len=n),
+      Config("(k1, 1)", 8, 1),
+      Config("(k1, k2) k1 < k2", 4, span),
+      Config("(k1, k2) k1 = k2", span, span),
+  ]
+
+
+def _task_loss(task: Task):
+  """``loss(out, targets)``: the task's loss of the read-out's outputs."""
+  if task.kind == "classification":
+    return lambda out, y: optax.softmax_cross_entropy_with_integer_labels(
+        out, y).mean()
+  return lambda out, y: jnp.mean((out - y) ** 2)
+
+
+def build(task: Task, settings: RunConfig = TRAIN):
+  """``(model, params, carry)`` for ``settings.batch`` streams.
+
+  Reads ``settings.cell``, ``hidden``, ``batch`` and ``seed``.
+  """
+  model = StreamModel(settings.cell, settings.hidden, task.in_dim,
+                      task.out_dim, task.symbols)
+  carry = model.initialize_carry(settings.batch)
+  x = (jnp.zeros((settings.batch,), jnp.int32) if task.symbols
+       else jnp.zeros((settings.batch, task.in_dim), jnp.float32))
+  return model, model.init(jax.random.key(settings.seed), carry, x), carry
+
+
+def _resets(start: int, length: int, seq_len: int | None, batch: int):
+  if seq_len is None:
+    return None
+  t = start + np.arange(length)
+  return np.broadcast_to(((t % seq_len == 0) & (t > 0))[:, None], (length, batch))
+
+
+def _chunk_len(steps: int, config: Config, pieces: int = 25) -> int:
+  unit = math.lcm(config.k1, config.seq_len or 1)
+  return unit * max(1, round(steps / pieces / unit))
+
+
+def _stream_spec(inputs, targets, config: Config):
+  """``(xs, resets)`` for ``Trainer.init``: one step's shapes and dtypes.
+
+  ``resets`` is given when the configuration cuts the stream into sequences,
+  so that the state is made for a stream with resets.
+  """
+  spec = lambda a: jax.ShapeDtypeStruct((1,) + a.shape[1:], a.dtype)
+  xs = (spec(inputs), spec(targets))
+  batch = inputs.shape[1]
+  resets = (None if config.seq_len is None
+            else jax.ShapeDtypeStruct((1, batch), jnp.bool_))
+  return xs, resets
+
+
+def evaluate(task: Task, model: StreamModel, params, config: Config, *,
+             batch: int, seed: int, steps: int = 2000):
+  """Held-out loss and accuracy, in the run's own regime (cut or stream).
+
+  Targets within ``task.context`` steps of a (re)start are not scored.
+  """
+  inputs, targets = task.sample(seed, steps, batch)
+  if config.seq_len is not None:  # independent sequences become the batch
+    n = config.seq_len
+    usable = (steps // n) * n
+    fold = lambda a: np.swapaxes(
+        a[:usable].reshape((usable // n, n) + a.shape[1:]), 0, 1).reshape(
+            (n, -1) + a.shape[2:])
+    inputs, targets = fold(inputs), fold(targets)
+  carry = model.initialize_carry(inputs.shape[1])
+  _, h = jax.lax.scan(lambda c, x: model.cell(params, c, x), carry,
+                      jnp.asarray(inputs))
+  out = model.head(params, h[task.context:])
+  y = jnp.asarray(targets)[task.context:]
+  loss = float(_task_loss(task)(out, y))
+  accuracy = None
+  if task.kind == "classification":
+    accuracy = float(jnp.mean(jnp.argmax(out, -1) == y))
+  return loss, accuracy
+
+
+def _trainer(task: Task, model: StreamModel, config: Config,
+             settings: RunConfig):
+  task_loss = _task_loss(task)
+  step_loss = jbptt.cell_loss(
+      model.cell, lambda params, h, y: task_loss(model.head(params, h), y))
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0),
+                          optax.adam(settings.lr))
+  return jbptt.trainer(step_loss, optimizer, k1=config.k1, k2=config.k2,
+                       losses=config.losses, unroll=settings.unroll)
+
+
+def template(task: Task, config: Config, settings: RunConfig = TRAIN):
+  """A ``TrainState`` of the run's structure: the template of a restore."""
+  model, params, carry = build(task, settings)
+  inputs, targets = task.sample(settings.seed + 1, 1, settings.batch)
+  xs, resets = _stream_spec(inputs, targets, config)
+  return _trainer(task, model, config, settings).init(params, carry, xs, resets)
+
+
+def run(
+    task: Task,
+    config: Config,
+    settings: RunConfig = TRAIN,
+    *,
+    on_progress: Callable[[int], None] | None = None,
+    resume: tuple[Any, dict] | None = None,
+    on_chunk: Callable[[Any, dict], None] | None = None,
+) -> Result:
+  """Trains one configuration online on ``steps`` steps of ``batch`` streams.
+
+  The model, optimizer and stream come from ``settings`` (``steps``,
+  ``batch``, ``hidden``, ``lr``, ``cell``, ``seed``, ``unroll``); the
+  truncation from ``config`` (``settings``' task, data, k1, k2 and losses are
+  not read: they are how ``jbptt train`` names ``task`` and ``config``).
+
+  The stream is fed in about 25 chunks (multiples of ``k1``).
+  ``on_chunk(state, progress)`` is called after each (``progress``: a
+  JSON-able dict of the updates, training seconds and learning curve so
+  far); ``resume=(state, progress)`` continues a run from such a point, and
+  gives the params an uninterrupted run would have.
+  """
+  steps, batch = settings.steps, settings.batch
+  model, params, carry = build(task, settings)
+  tr = _trainer(task, model, config, settings)
+  inputs, targets = task.sample(settings.seed + 1, steps, batch)
+  if resume is None:
+    state = tr.init(params, carry, *_stream_spec(inputs, targets, config))
+    progress = {"updates": 0, "wall_s": 0.0, "curve_step": [], "curve_loss": []}
+  else:
+    state, progress = resume
+    progress = {k: list(v) if isinstance(v, list) else v
+                for k, v in progress.items()}
+  chunk = _chunk_len(steps, config)
+  begin = int(state.step)
+  if begin % chunk or begin > steps:
+    raise ValueError(f"cannot resume at step {begin}: not a chunk boundary "
+                     f"(chunks of {chunk}) within {steps} steps.")
+  if on_progress is not None and begin:
+    on_progress(begin)
+  for a in range(begin, steps, chunk):
+    start = time.perf_counter()
+    b = min(steps, a + chunk)
+    xs = (jnp.asarray(inputs[a:b]), jnp.asarray(targets[a:b]))
+    state, metrics = tr.update(state, xs, _resets(a, b - a, config.seq_len, batch))
+    valid = np.asarray(metrics.valid)
+    losses = np.asarray(metrics.loss)[valid]
+    first_end = (a // config.k1 + 1) * config.k1
+    progress["curve_step"] += [first_end + i * config.k1 for i in range(len(losses))]
+    progress["curve_loss"] += [float(v) for v in losses]
+    progress["updates"] += int(valid.sum())
+    progress["wall_s"] += time.perf_counter() - start
+    if on_chunk is not None:
+      on_chunk(state, progress)
+    if on_progress is not None:
+      on_progress(b - a)
+  wall = max(progress["wall_s"], 1e-9)
+  loss, accuracy = evaluate(task, model, state.params, config, batch=batch,
+                            seed=settings.seed + 2)
+  return Result(config.label, config.k1, config.k2, progress["updates"], wall,
+                steps / wall, loss, accuracy, progress["curve_step"],
+                progress["curve_loss"], state)
