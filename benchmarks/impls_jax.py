@@ -3,6 +3,8 @@
 Every implementation trains the same model (a Flax ``OptimizedLSTMCell`` and
 a linear read-out, squared error) with Adam on the same data, and exposes
 ``run(xs, ys)``: train on one stretch of ``n`` steps, blocking until done.
+The language-model case (``LM_IMPLS``, at the end) trains an embedding, an
+LSTM and a read-out over the vocabulary on a token stream instead.
 """
 
 from __future__ import annotations
@@ -36,8 +38,15 @@ def setup(case, seed=0):
       key, (case.batch, case.dim))
   params = model.init(key, carry, jnp.zeros((case.batch, case.dim), jnp.float32))
   cell = jf.linen_cell(model)
-  step_loss = jbptt.cell_loss(cell, lambda o, y: jnp.mean((o - y) ** 2))
+  step_loss = jbptt.cell_loss(cell, lambda p, o, y: jnp.mean((o - y) ** 2))
   return cell, params, carry, step_loss
+
+
+def stream_spec(case):
+  """``jax.ShapeDtypeStruct``s of a chunk of the case's stream (for
+  ``Trainer.init``; its time length does not matter)."""
+  return (jax.ShapeDtypeStruct((1, case.batch, case.dim), jnp.float32),
+          jax.ShapeDtypeStruct((1, case.batch, 1), jnp.float32))
 
 
 def _block(tree):
@@ -54,7 +63,7 @@ class Trainer:
     _, params, carry, step_loss = setup(case)
     self.tr = jbptt.trainer(step_loss, optax.adam(LR), k1=case.k1, k2=case.k2,
                             **self.options)
-    self.state = self.tr.init(params, carry)
+    self.state = self.tr.init(params, carry, stream_spec(case))
 
   def run(self, xs, ys):
     self.state, metrics = self.tr.update(self.state, (xs, ys))
@@ -62,11 +71,11 @@ class Trainer:
 
 
 class TrainerStored(Trainer):
-  """``jbptt.trainer(..., history="stored")`` (k1 < k2; the same as the
-  default for k1 >= k2)."""
+  """``jbptt.trainer(..., gradient=jbptt.StoredStates())`` (k1 < k2; the
+  same as the default for k1 >= k2)."""
 
   name = "jbptt.trainer (stored)"
-  options = {"history": "stored"}
+  options = {"gradient": jbptt.StoredStates()}
 
   def __init__(self, case):
     if case.k1 >= case.k2:
@@ -75,11 +84,12 @@ class TrainerStored(Trainer):
 
 
 class TrainerRemat(Trainer):
-  """``jbptt.trainer(..., remat=jax.checkpoint_policies.nothing_saveable)``
-  (run by the remat case only)."""
+  """``jbptt.trainer(..., gradient=jbptt.Recompute(remat=nothing_saveable))``
+  (``jax.checkpoint_policies.nothing_saveable``; run by the remat case only)."""
 
   name = "jbptt.trainer (remat)"
-  options = {"remat": jax.checkpoint_policies.nothing_saveable}
+  options = {"gradient": jbptt.Recompute(
+      remat=jax.checkpoint_policies.nothing_saveable)}
 
 
 def unrolled(impl: type, unroll: int) -> type:
@@ -279,11 +289,99 @@ class FlaxLoop:
 
 IMPLS = [Trainer, TrainerUnrolled, TrainerStored, TruncatedLoss, ScanReference,
          FlaxLoop, FullBPTT]
-# The unroll case: the trainer at its default and at each unroll, the scan
-# at 1 and 4, stored history and truncated_loss at 1 and 8.
+# The unroll case: the trainer at each unroll (1, its default, included), the
+# scan at 1 and 4, stored states and truncated_loss at 1 and 8; every one
+# passes its unroll explicitly.
 UNROLL_IMPLS = (
-    [Trainer] + [unrolled(Trainer, u) for u in (1, 2, 4, 8, 16)]
+    [unrolled(Trainer, u) for u in (1, 2, 4, 8, 16)]
     + [ScanReference, ScanReferenceUnrolled]
     + [unrolled(impl, u) for impl in (TrainerStored, TruncatedLoss)
        for u in (1, 8)]
 )
+
+
+# -- the language-model case ------------------------------------------------------
+
+
+class LMCell(nn.Module):
+  """One step of a word-level language model: embed the tokens, step an LSTM."""
+
+  vocab: int
+  dim: int
+  hidden: int
+
+  @nn.compact
+  def __call__(self, carry, tokens):
+    x = nn.Embed(self.vocab, self.dim, name="embed")(tokens)
+    return nn.OptimizedLSTMCell(self.hidden, name="lstm")(carry, x)
+
+
+def lm_setup(case, seed=0):
+  """``(cell, loss_fn, params, carry)`` of the language model of a case.
+
+  ``cell(params, carry, tokens) -> (carry, h)`` is the embedding and the
+  LSTM; ``loss_fn(params, h, targets)`` the read-out over the vocabulary
+  (``nn.Dense``) and the softmax cross-entropy, averaged over the batch.
+  ``params`` is ``{"cell": ..., "head": ...}``.
+  """
+  cell_module = LMCell(case.vocab, case.dim, case.hidden)
+  head = nn.Dense(case.vocab, name="decoder")
+  key_cell, key_head, key_carry = jax.random.split(jax.random.key(seed), 3)
+  carry = nn.OptimizedLSTMCell(case.hidden).initialize_carry(
+      key_carry, (case.batch, case.dim))
+  params = {
+      "cell": cell_module.init(key_cell, carry,
+                               jnp.zeros((case.batch,), jnp.int32)),
+      "head": head.init(key_head, jnp.zeros((case.batch, case.hidden))),
+  }
+
+  def cell(p, carry, tokens):
+    return cell_module.apply(p["cell"], carry, tokens)
+
+  def loss_fn(p, h, targets):
+    logits = head.apply(p["head"], h)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, targets).mean()
+
+  return cell, loss_fn, params, carry
+
+
+def head_in_step(cell, loss_fn):
+  """A plain ``step_loss``: the cell, the read-out and the loss in each step
+  (what ``jbptt.cell_loss`` computes, without telling the trainer so)."""
+
+  def step_loss(params, carry, x):
+    tokens, targets = x
+    carry, h = cell(params, carry, tokens)
+    return carry, loss_fn(params, h, targets)
+
+  return step_loss
+
+
+class LMTrainer(Trainer):
+  """``jbptt.trainer`` on the language model, the read-out and loss inside
+  every step of the scan (a plain ``step_loss``)."""
+
+  name = "jbptt.trainer (head in step)"
+  make_step = staticmethod(head_in_step)
+
+  def __init__(self, case):
+    if not case.vocab:
+      raise NotImplementedError("the language-model case only")
+    cell, loss_fn, params, carry = lm_setup(case)
+    self.tr = jbptt.trainer(self.make_step(cell, loss_fn), optax.adam(LR),
+                            k1=case.k1, k2=case.k2, **self.options)
+    tokens = jax.ShapeDtypeStruct((1, case.batch), jnp.int32)
+    self.state = self.tr.init(params, carry, (tokens, tokens))
+
+
+class LMTrainerCellLoss(LMTrainer):
+  """``jbptt.trainer`` on ``jbptt.cell_loss(cell, loss_fn)``: the scan runs
+  the embedding and LSTM only; the read-out and loss are evaluated once per
+  window, over all of its steps."""
+
+  name = "jbptt.trainer (cell_loss)"
+  make_step = staticmethod(jbptt.cell_loss)
+
+
+LM_IMPLS = [LMTrainer, LMTrainerCellLoss]

@@ -1,7 +1,8 @@
 """The PyTorch and Keras peers (optional: ``pip install -e ".[bench]"``).
 
 The same model as the JAX side (an LSTM of ``hidden`` units and a linear
-read-out, squared error, Adam), on the same data, on CUDA when present.
+read-out, squared error, Adam), on the same data, on CUDA when present; for
+the language-model case, ``LM_IMPLS`` (at the end).
 """
 
 from __future__ import annotations
@@ -199,3 +200,63 @@ class KerasStateful:
 
 
 IMPLS = [TorchLSTMChunked, TorchCellLoop, TorchForumRecipe, KerasStateful]
+
+
+class TorchWordLM:
+  """PyTorch's word_language_model recipe (pytorch/examples,
+  ``word_language_model/main.py`` and ``model.py``), on the language-model
+  case: ``nn.Embedding``, ``nn.LSTM`` over the whole chunk of k steps, the
+  hidden state ``detach``ed between chunks (``repackage_hidden``), an
+  ``nn.Linear`` decoder over the chunk's outputs, ``nn.CrossEntropyLoss`` and
+  an optimizer step per chunk (k1 = k2).
+
+  To match the JAX side: Adam (the recipe has SGD at lr 20), no gradient
+  clipping (the recipe clips at 0.25), no dropout, one LSTM layer.
+  """
+
+  name = "PyTorch word_language_model"
+
+  def __init__(self, case):
+    if not case.vocab:
+      raise NotImplementedError("the language-model case only")
+    if case.k1 != case.k2:
+      raise NotImplementedError("chunking gives only k1 = k2")
+    torch, self.device = _torch()
+    self.torch, self.case = torch, case
+    nn = torch.nn
+    self.encoder = nn.Embedding(case.vocab, case.dim).to(self.device)
+    self.rnn = nn.LSTM(case.dim, case.hidden).to(self.device)
+    self.decoder = nn.Linear(case.hidden, case.vocab).to(self.device)
+    self.modules = (self.encoder, self.rnn, self.decoder)
+    self.criterion = nn.CrossEntropyLoss()
+    self.opt = torch.optim.Adam(
+        [p for m in self.modules for p in m.parameters()], lr=LR)
+    zeros = lambda: torch.zeros(1, case.batch, case.hidden, device=self.device)
+    self.hidden = (zeros(), zeros())
+    self.cache = {}
+
+  def tensors(self, xs, ys):
+    key = id(xs)
+    if key not in self.cache:
+      as_long = lambda a: self.torch.tensor(np.asarray(a), dtype=self.torch.long,
+                                            device=self.device)
+      self.cache = {key: (as_long(xs), as_long(ys))}
+    return self.cache[key]
+
+  def run(self, xs, ys):
+    data, targets = self.tensors(xs, ys)
+    k, vocab = self.case.k1, self.case.vocab
+    hidden = self.hidden
+    for i in range(0, data.shape[0], k):
+      hidden = tuple(h.detach() for h in hidden)  # repackage_hidden
+      self.opt.zero_grad()
+      output, hidden = self.rnn(self.encoder(data[i:i + k]), hidden)
+      decoded = self.decoder(output)
+      loss = self.criterion(decoded.view(-1, vocab), targets[i:i + k].reshape(-1))
+      loss.backward()
+      self.opt.step()
+    self.hidden = tuple(h.detach() for h in hidden)
+    _sync(self.torch, self.device)
+
+
+LM_IMPLS = [TorchWordLM]

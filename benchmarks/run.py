@@ -7,14 +7,24 @@ warm-up call (whose extra time over the median is reported as compile time),
 and reports medians over the repeats. The memory case runs each point in a
 fresh subprocess and reports its peak resident memory (on a GPU, the device's
 peak). Writes ``DIR/results.json``, ``DIR/results.md`` (every time also as a
-ratio to ``jbptt.trainer`` measured in the same run) and PNG plots. The same
-command runs on a GPU: JAX finds it, and PyTorch uses CUDA when present.
+ratio to ``jbptt.trainer`` measured in the same run; see ``BASE``),
+``DIR/environment.json`` (date, command, machine, versions) and PNG plots.
+The same command runs on a GPU: JAX finds it, and PyTorch uses CUDA when
+present.
+
+The lm case is a word-level language model (embedding, LSTM, a read-out
+over a vocabulary of ``vocab`` tokens, softmax cross-entropy, Adam) on a
+synthetic token stream, TBPTT(35, 35) as in PyTorch's word_language_model:
+the trainer with the read-out inside each step against
+``jbptt.cell_loss`` (the read-out once per window) and that PyTorch recipe.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -46,6 +56,7 @@ class Case:
   n: int
   k1: int
   k2: int
+  vocab: int = 0  # the lm case's vocabulary (dim: its embedding); 0 otherwise
 
 
 def cases(mode: str) -> dict[str, list[Case]]:
@@ -55,6 +66,7 @@ def cases(mode: str) -> dict[str, list[Case]]:
         "lstm": [Case("lstm", 2, 3, 8, 32, 8, 8), Case("lstm", 2, 3, 8, 32, 4, 8)],
         "stream": [Case("stream", 1, 3, 8, 16, 4, 8)],
         "unroll": [Case("unroll", 2, 3, 8, 32, 8, 8)],
+        "lm": [Case("lm", 2, 8, 16, 16, 8, 8, vocab=64)],
         "memory": [],
         "remat": [],
         "devices": [],
@@ -72,6 +84,10 @@ def cases(mode: str) -> dict[str, list[Case]]:
       "unroll": [Case("unroll", 32, 16, 128, n_big, 32, 32),
                  Case("unroll", 32, 16, 128, n_big, 8, 32),
                  Case("unroll", 1, 4, 32, 512, 4, 16)],
+      # Embedding 64, LSTM 128, batch 16, TBPTT(35, 35); 20 chunks a run
+      # (8 in --quick).
+      "lm": [Case("lm", 16, 64, 128, 35 * (20 if mode == "full" else 8), 35, 35,
+                  vocab=v) for v in ((2000, 10_000) if mode == "full" else (2000,))],
       "memory": [],  # run by memory_case
       "remat": [],  # run by remat_case
       "devices": [],  # run by devices_case
@@ -86,16 +102,45 @@ def device_name() -> str:
 
 
 def data(case: Case, seed: int = 0):
+  """The case's stream: ``(xs, ys)``, time-major (``lm_tokens`` for lm)."""
+  if case.vocab:
+    return lm_tokens(case, seed)
   rng = np.random.default_rng(seed)
   xs = rng.standard_normal((case.n, case.batch, case.dim)).astype(np.float32)
   ys = rng.standard_normal((case.n, case.batch, 1)).astype(np.float32)
   return jax.numpy.asarray(xs), jax.numpy.asarray(ys)
 
 
+def lm_tokens(case: Case, seed: int = 0):
+  """A synthetic token stream for the lm case: ``(tokens, next tokens)``,
+  int32 arrays of shape ``(n, batch)``, each batch row its own stream.
+
+  A seeded Markov chain: from token ``a`` the next token is one of four
+  successors of ``a`` fixed at random (with probabilities 0.5, 0.25, 0.15,
+  0.1), or, with probability 0.1, any token of the vocabulary.
+  """
+  rng = np.random.default_rng(seed)
+  vocab, n, batch = case.vocab, case.n, case.batch
+  successors = rng.integers(0, vocab, (vocab, 4))
+  which = rng.choice(4, size=(n, batch), p=[0.5, 0.25, 0.15, 0.1])
+  jump = rng.random((n, batch)) < 0.1
+  anywhere = rng.integers(0, vocab, (n, batch))
+  tokens = np.empty((n + 1, batch), np.int32)
+  tokens[0] = rng.integers(0, vocab, batch)
+  for t in range(n):
+    tokens[t + 1] = np.where(jump[t], anywhere[t],
+                             successors[tokens[t], which[t]])
+  return jax.numpy.asarray(tokens[:-1]), jax.numpy.asarray(tokens[1:])
+
+
 def impls_for(case: Case):
   """The implementations a case compares (the stream case: the trainer fed
   the whole sequence in one call against ``k1`` steps per call; the unroll
-  case: the trainer at each ``unroll`` against the hand-written scan's)."""
+  case: the trainer at each ``unroll`` against the hand-written scan's; the
+  lm case: the read-out in each step, ``jbptt.cell_loss`` and PyTorch's
+  word_language_model)."""
+  if case.vocab:
+    return impls_jax.LM_IMPLS + impls_torch.LM_IMPLS
   if case.name == "stream":
     return [impls_jax.Trainer, impls_jax.TrainerFedInChunks]
   if case.name == "unroll":
@@ -136,14 +181,24 @@ def time_case(case: Case, repeats: int, progress=None):
   rows = []
   for impl in impls:
     med = statistics.median(times[impl.name])
-    rows.append({
+    row = {
         "case": case.name, "impl": impl.name, "k1": case.k1, "k2": case.k2,
         "batch": case.batch, "hidden": case.hidden, "n": case.n,
         "ms_per_seq": round(med * 1e3, 2), "steps_per_s": round(case.n / med, 1),
         "peak_mem_mb": _device_peak_mb(),
         "compile_s": round(max(0.0, first[impl.name] - med), 3),
         "device": device_name(),
-    })
+    }
+    if case.vocab:  # per chunk of k1 steps, and tokens (steps x batch)
+      chunks = case.n / case.k1
+      row.update({
+          "vocab": case.vocab, "dim": case.dim,
+          "ms_per_chunk": round(med * 1e3 / chunks, 2),
+          "tokens_per_s": round(case.n * case.batch / med),
+          "repeats": repeats,
+          "ms_all": [round(t * 1e3, 2) for t in times[impl.name]],
+      })
+    rows.append(row)
   return rows, skipped
 
 
@@ -266,12 +321,12 @@ def devices_probe(count: int, n: int, repeats: int) -> dict:
   case = Case("devices", 32, 16, 128, n, 32, 32)
   model = impls_jax.Trainer(case)
   mesh = js.batch_mesh()
-  model.state = model.state._replace(
-      params=js.replicate(model.state.params, mesh),
-      opt_state=js.replicate(model.state.opt_state, mesh),
-      carry=js.shard_batch(model.state.carry, mesh),
-      initial_carry=js.shard_batch(model.state.initial_carry, mesh))
   xs, ys = js.shard_batch(data(case), mesh, batch_axis=1)
+  # A state made from replicated params and a sharded carry keeps their
+  # shardings (its buffers are made from them).
+  model.state = model.tr.init(js.replicate(model.state.params, mesh),
+                              js.shard_batch(model.state.carry, mesh),
+                              (xs, ys))
   start = time.perf_counter()
   model.run(xs, ys)
   first = time.perf_counter() - start
@@ -312,24 +367,82 @@ def devices_case(n: int, repeats: int, progress=None):
 
 # -- outputs ---------------------------------------------------------------------
 
+# The implementation each case's ratios divide by (default: jbptt.trainer).
+BASE = {"unroll": "jbptt.trainer (unroll=1)", "lm": "jbptt.trainer (cell_loss)"}
+_SAME_CASE = ("case", "k1", "k2", "batch", "hidden", "n", "vocab")
 
-def markdown(rows, skipped) -> str:
-  lines = [f"Device: {device_name()}. Medians; ratio = time / jbptt.trainer's time "
-           "in the same case and run (> 1: slower than jbptt).", ""]
+
+def base_ms(rows, row):
+  """The time of ``row``'s case's base implementation (``BASE``) in ``rows``,
+  or ``None`` if it did not run."""
+  name = BASE.get(row["case"], "jbptt.trainer")
+  return next((r["ms_per_seq"] for r in rows if r["impl"] == name and all(
+      r.get(key) == row.get(key) for key in _SAME_CASE)), None)
+
+
+def _ratio(rows, row):
+  base = base_ms(rows, row)
+  return "-" if base is None else f"{row['ms_per_seq'] / base:.2f}"
+
+
+def environment(argv) -> dict:
+  """When, how and where this run ran: date, command, machine, versions."""
+  versions = {}
+  for dist in ("jax", "jaxlib", "flax", "optax", "torch", "keras", "numpy"):
+    try:
+      versions[dist] = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+      versions[dist] = None
+  try:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True,
+                           check=False).stdout.splitlines()[:10]
+  except OSError:
+    lscpu = []
+  return {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      "command": " ".join(["python", "benchmarks/run.py", *argv]),
+      "device": device_name(), "python": platform.python_version(),
+      "machine": [" ".join(line.split()) for line in lscpu], "versions": versions,
+  }
+
+
+def markdown(rows, skipped, env=None) -> str:
+  lines = []
+  if env:
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    lines += [f"Run: `{env['command']}`, {env['date']}; Python {env['python']}, "
+              f"{versions}.", ""]
+    if env["machine"]:
+      lines += ["Machine (`lscpu | head`): " + "; ".join(env["machine"]) + ".", ""]
+  lines += [f"Device: {device_name()}. Medians; ratio = time / jbptt.trainer's time "
+            "in the same case and run (> 1: slower than jbptt; the unroll case: "
+            "jbptt.trainer (unroll=1)'s, the lm case: jbptt.trainer "
+            "(cell_loss)'s).", ""]
   lines += ["| case | k1 | k2 | B | H | n | implementation | ms / seq | steps/s | "
             "ratio to jbptt | compile s | peak MB |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
-    if row["case"] in ("memory", "devices", "remat"):
+    if row["case"] in ("memory", "devices", "remat", "lm"):
       continue
-    base = next(r["ms_per_seq"] for r in rows if r["case"] == row["case"]
-                and r["k1"] == row["k1"] and r["k2"] == row["k2"]
-                and r["impl"] == "jbptt.trainer")
     lines.append(
         f"| {row['case']} | {row['k1']} | {row['k2']} | {row['batch']} | "
         f"{row['hidden']} | {row['n']} | {row['impl']} | {row['ms_per_seq']:.1f} | "
-        f"{row['steps_per_s']:.0f} | {row['ms_per_seq'] / base:.2f} | "
+        f"{row['steps_per_s']:.0f} | {_ratio(rows, row)} | "
         f"{row['compile_s']} | {row['peak_mem_mb'] or '-'} |")
+  lm = [r for r in rows if r["case"] == "lm"]
+  if lm:
+    lines += ["", "Language model (embedding E, LSTM H, read-out over V tokens, "
+              "softmax cross-entropy, Adam; a synthetic token stream; n steps a "
+              "run, an update every k1; tokens = steps x batch; ratio to "
+              "jbptt.trainer (cell_loss); medians of the repeats):", "",
+              "| V | E | H | B | k1 | k2 | n | implementation | ms / chunk | "
+              "tokens/s | ratio to cell_loss | compile s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['vocab']} | {r['dim']} | {r['hidden']} | {r['batch']} | "
+              f"{r['k1']} | {r['k2']} | {r['n']} | {r['impl']} | "
+              f"{r['ms_per_chunk']:.1f} | {r['tokens_per_s']:.0f} | "
+              f"{_ratio(rows, r)} | {r['compile_s']} |" for r in lm]
   mem = [r for r in rows if r["case"] == "memory"]
   if mem:
     lines += ["", "Memory against stream length (TBPTT(32, 32), B=8, H=64; peak "
@@ -369,8 +482,8 @@ def plots(rows, out: pathlib.Path):
   import matplotlib.pyplot as plt
 
   speed = [r for r in rows if r["case"] not in ("memory", "devices", "remat")]
-  groups = sorted({(r["case"], r["k1"], r["k2"]) for r in speed},
-                  key=lambda g: (g[0], g[1], g[2]))
+  group = lambda r: (r["case"], r["k1"], r["k2"], r.get("vocab", 0))
+  groups = sorted({group(r) for r in speed})
   impls = sorted({r["impl"] for r in speed})
   if groups:
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4.5))
@@ -378,14 +491,14 @@ def plots(rows, out: pathlib.Path):
     for i, impl in enumerate(impls):
       xs, hs = [], []
       for j, g in enumerate(groups):
-        match = [r for r in speed if (r["case"], r["k1"], r["k2"]) == g
-                 and r["impl"] == impl]
+        match = [r for r in speed if group(r) == g and r["impl"] == impl]
         if match:
           xs.append(j + i * width)
           hs.append(match[0]["ms_per_seq"])
       ax.bar(xs, hs, width, label=impl)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
-    ax.set_xticklabels([f"{c}\n({k1}, {k2})" for c, k1, k2 in groups], fontsize=8)
+    ax.set_xticklabels([f"{c}{f' V={v}' if v else ''}\n({k1}, {k2})"
+                        for c, k1, k2, v in groups], fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("ms per sequence (log)")
     ax.set_title(f"TBPTT training time, {device_name()}")
@@ -416,9 +529,9 @@ def main(argv=None):
   mode.add_argument("--smoke", action="store_true", help="tiny, seconds (CI)")
   parser.add_argument("--out", default="bench-out")
   parser.add_argument("--cases", nargs="*",
-                      help="lstm, online, stream, k2-sweep, memory, remat, devices; "
-                      "unroll (the trainer at unroll 1 to 16, run only when "
-                      "named)")
+                      help="lstm, online, stream, k2-sweep, lm, memory, remat, "
+                      "devices; unroll (the trainer at unroll 1 to 16, run only "
+                      "when named)")
   parser.add_argument("--repeats", type=int)
   parser.add_argument("--_memprobe", nargs=3, help=argparse.SUPPRESS)
   parser.add_argument("--_devprobe", nargs=3, help=argparse.SUPPRESS)
@@ -482,10 +595,12 @@ def main(argv=None):
                                             lambda bar=bar: progress.advance(bar))
         rows += case_rows
         skipped += case_skipped
+  env = environment(sys.argv[1:] if argv is None else argv)
   (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-  (out / "results.md").write_text(markdown(rows, skipped))
+  (out / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
+  (out / "results.md").write_text(markdown(rows, skipped, env))
   plots(rows, out)
-  print(markdown(rows, skipped))
+  print(markdown(rows, skipped, env))
   return 0
 
 

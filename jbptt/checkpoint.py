@@ -360,14 +360,16 @@ def _check_files(manifest, step_dir: pathlib.Path, where: str) -> None:
   """Every file the checkpoint was saved with is there, whole and intact.
 
   Run before orbax is given the checkpoint, because orbax cannot fail a read
-  cleanly: its ``restore`` runs the reads of all arrays at once in a private
-  event loop (``orbax.checkpoint._src.asyncio_utils.run_sync``) that it
-  closes as soon as the first read fails, with the others still in flight.
-  Those report afterwards, from tensorstore's threads (``RuntimeError('Event
-  loop is closed')`` on ``sys.unraisablehook``) and from asyncio when their
-  tasks are collected ("Task exception was never retrieved"); no orbax API
-  gives access to that loop or those tasks to wait for them. So damage is
-  found here, and orbax only reads a checkpoint whose every byte is as saved.
+  cleanly: its ``restore`` starts the reads of all arrays at once
+  (``asyncio.gather`` without ``return_exceptions``) in an event loop of its
+  own (``asyncio_utils.run_sync``), which it closes as soon as the first
+  read fails, with the others still in flight and never cancelled or
+  awaited. Those report afterwards: tensorstore's threads, completing a read,
+  hit the closed loop (``RuntimeError('Event loop is closed')`` on
+  ``sys.unraisablehook``), and asyncio logs "Task exception was never
+  retrieved" when the failed tasks are collected. No orbax API gives access
+  to that loop or those tasks to wait for them. So damage is found here, and
+  orbax only reads a checkpoint whose every byte is as saved.
   """
   problems = []
   for name, entry in manifest["files"].items():

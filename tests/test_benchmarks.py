@@ -24,9 +24,16 @@ def test_benchmark_smoke(tmp_path):
   assert {(r["k1"], r["k2"]) for r in rows if r["case"] == "lstm"} == {(8, 8), (4, 8)}
   assert {r["impl"] for r in rows if r["case"] == "memory"} == {
       "jbptt.trainer", "full BPTT"}
+  lm = [r for r in rows if r["case"] == "lm"]
+  assert {"jbptt.trainer (head in step)", "jbptt.trainer (cell_loss)"} <= {
+      r["impl"] for r in lm}
+  assert all(r["ms_per_chunk"] > 0 and r["tokens_per_s"] > 0 for r in lm)
   assert all(r["ms_per_seq"] > 0 for r in rows)
   table = (tmp_path / "results.md").read_text()
   assert "ratio to jbptt" in table and "| jbptt.trainer |" in table
+  assert "| jbptt.trainer (cell_loss) |" in table and "ratio to cell_loss" in table
+  env = json.loads((tmp_path / "environment.json").read_text())
+  assert env["date"] and env["versions"]["jax"] and "--smoke" in env["command"]
   assert (tmp_path / "speed.png").exists() and (tmp_path / "memory.png").exists()
 
 
@@ -53,9 +60,9 @@ def test_hand_written_peers_train_like_the_trainer():
 
 
 def test_unroll_case_runs_each_unroll(monkeypatch):
-  """The unroll case (run by name only) times the trainer at its default and
-  at 1, 2, 4, 8, 16, the hand-written scan at 1 and 4, stored history and
-  truncated_loss at 1 and 8; each gets its unroll."""
+  """The unroll case (run by name only) times the trainer at 1 (its default),
+  2, 4, 8, 16, the hand-written scan at 1 and 4, stored states and
+  truncated_loss at 1 and 8; each is given its unroll explicitly."""
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import impls_jax
   from run import Case, cases, impls_for
@@ -64,13 +71,14 @@ def test_unroll_case_runs_each_unroll(monkeypatch):
     assert all(c.name == "unroll" for c in cases(level)["unroll"])
   case = Case("unroll", 2, 3, 8, 16, 4, 4)
   impls = impls_for(case)
-  assert len({i.name for i in impls}) == len(impls) == 12
-  assert [i.options.get("unroll", 1) for i in impls[6:8]] == [1, 4]
+  assert len({i.name for i in impls}) == len(impls) == 11
+  assert [i.options.get("unroll", 1) for i in impls[5:7]] == [1, 4]
   seen = []
 
   def spy(make):
     def made(*args, **kwargs):
-      seen.append((make.__name__, kwargs.get("history"),
+      gradient = kwargs.get("gradient")
+      seen.append((make.__name__, gradient and type(gradient).__name__,
                    kwargs.get("unroll", "default")))
       return make(*args, **kwargs)
     return made
@@ -78,8 +86,86 @@ def test_unroll_case_runs_each_unroll(monkeypatch):
   for name in ("trainer", "truncated_loss"):
     monkeypatch.setattr(impls_jax.jbptt, name, spy(getattr(impls_jax.jbptt, name)))
   case = Case("unroll", 2, 3, 8, 16, 2, 4)
-  for impl in impls[:6] + impls[8:]:
+  for impl in impls[:5] + impls[7:]:
     impl(case)
-  assert seen == [("trainer", None, u) for u in ("default", 1, 2, 4, 8, 16)] + [
-      ("trainer", "stored", 1), ("trainer", "stored", 8),
+  assert seen == [("trainer", None, u) for u in (1, 2, 4, 8, 16)] + [
+      ("trainer", "StoredStates", 1), ("trainer", "StoredStates", 8),
       ("truncated_loss", None, 1), ("truncated_loss", None, 8)]
+
+
+def _bench():
+  """The benchmark modules ``(run, impls_jax)``."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import impls_jax
+  import run
+
+  return run, impls_jax
+
+
+def test_lm_cell_loss_trains_like_the_head_in_each_step():
+  """The lm case's two trainers (read-out in each step, ``jbptt.cell_loss``)
+  reach the same params after a few updates, k1 = k2 and k1 < k2."""
+  import jax
+  import numpy as np
+
+  run, impls_jax = _bench()
+  for k1, k2 in [(4, 4), (3, 6)]:
+    case = run.Case("lm", 2, 8, 16, 12, k1, k2, vocab=50)
+    xs, ys = run.data(case)
+    assert xs.dtype == ys.dtype == np.int32 and xs.shape == (12, 2)
+    np.testing.assert_array_equal(xs[1:], ys[:-1])  # targets: the next tokens
+    inside, outside = impls_jax.LMTrainer(case), impls_jax.LMTrainerCellLoss(case)
+    for _ in range(2):  # 2 x 12 steps: 6 or 8 updates, the stream continued
+      inside.run(xs, ys)
+      outside.run(xs, ys)
+    before = impls_jax.lm_setup(case)[2]
+    moved = jax.tree_util.tree_map(lambda a, b: np.abs(a - b).max(),
+                                   inside.state.params, before)
+    assert min(jax.tree_util.tree_leaves(moved)) > 0  # every leaf trained
+    for a, b in zip(jax.tree_util.tree_leaves(inside.state.params),
+                    jax.tree_util.tree_leaves(outside.state.params)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(inside.state.carry, outside.state.carry,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_lm_torch_recipe_trains_like_jbptt():
+  """PyTorch's word_language_model peer, started from the JAX params,
+  trains the same thing as ``jbptt.cell_loss`` (torch: optional)."""
+  import numpy as np
+  import pytest
+
+  torch = pytest.importorskip("torch")
+  run, impls_jax = _bench()
+  import impls_torch
+
+  case = run.Case("lm", 2, 8, 16, 16, 4, 4, vocab=50)
+  xs, ys = run.data(case)
+  ours, theirs = impls_jax.LMTrainerCellLoss(case), impls_torch.TorchWordLM(case)
+  p = ours.state.params
+  lstm, head = p["cell"]["params"]["lstm"], p["head"]["params"]
+  gates = "ifgo"  # torch's order of the LSTM's gates; flax names them alike
+  as_torch = lambda a: torch.tensor(np.asarray(a))
+  with torch.no_grad():
+    theirs.encoder.weight.copy_(as_torch(p["cell"]["params"]["embed"]["embedding"]))
+    theirs.rnn.weight_ih_l0.copy_(as_torch(np.concatenate(
+        [lstm["i" + g]["kernel"] for g in gates], axis=1).T))
+    theirs.rnn.weight_hh_l0.copy_(as_torch(np.concatenate(
+        [lstm["h" + g]["kernel"] for g in gates], axis=1).T))
+    theirs.rnn.bias_ih_l0.zero_()  # flax has one bias, torch two: freeze one
+    theirs.rnn.bias_ih_l0.requires_grad_(False)
+    theirs.rnn.bias_hh_l0.copy_(as_torch(np.concatenate(
+        [lstm["h" + g]["bias"] for g in gates])))
+    theirs.decoder.weight.copy_(as_torch(np.asarray(head["kernel"]).T))
+    theirs.decoder.bias.copy_(as_torch(head["bias"]))
+  ours.run(xs, ys)
+  theirs.run(xs, ys)
+  p = ours.state.params
+  lstm, head = p["cell"]["params"]["lstm"], p["head"]["params"]
+  close = lambda a, b: np.testing.assert_allclose(
+      np.asarray(a), b.detach().numpy(), rtol=1e-4, atol=1e-5)
+  close(p["cell"]["params"]["embed"]["embedding"], theirs.encoder.weight)
+  close(np.concatenate([lstm["h" + g]["kernel"] for g in gates], axis=1).T,
+        theirs.rnn.weight_hh_l0)
+  close(head["kernel"].T, theirs.decoder.weight)
+  close(ours.state.carry[1], theirs.hidden[0][0])

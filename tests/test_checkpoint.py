@@ -242,7 +242,7 @@ def test_damaged_files(saved, no_late_reports, damage, why):
   # that far fails here surely.)
   root, path, _, like, _ = saved
   name = _damage(path, damage)
-  for _ in range(6):
+  for _ in range(10):
     with pytest.raises(jc.CheckpointError) as e:
       jc.restore(root, like)
     assert type(e.value) is jc.CheckpointError

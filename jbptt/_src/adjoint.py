@@ -39,56 +39,6 @@ from jax import lax
 tree_map = jax.tree_util.tree_map
 
 
-class WindowTables:
-  """Static layout of overlapping windows over ``n`` steps (numpy arrays).
-
-  Attributes:
-    keep: boolean ``(n, m)``: at step ``i + 1``, whether the adjoint of slot
-      ``m`` passes on to the step's input state (false where the slot's
-      window is truncated there, or the slot is empty).
-    seed: ``(n, m)``: how many times the slot's window injects the loss of
-      step ``i + 1`` (0 or 1).
-    count: the number of injected losses, over all windows.
-  """
-
-  def __init__(self, keep: np.ndarray, seed: np.ndarray):
-    self.keep, self.seed = keep, seed
-    self.count = int(seed.sum())
-
-
-def window_tables(n: int, windows) -> WindowTables:
-  """Lays out windows ``(s, t, taus)`` over steps ``1..n`` in slots.
-
-  Window ``w`` runs through steps ``s < i <= t`` (truncated at the state
-  after step ``s``) and injects the losses of the steps in ``taus``. The
-  windows must be sorted with ``s`` and ``t`` non-decreasing, so that the
-  windows active at a step are consecutive and ``w mod m`` (``m`` the most
-  active at once) gives distinct slots.
-
-  Examples:
-    >>> tab = window_tables(4, [(0, 2, (1, 2)), (1, 4, (3, 4))])
-    >>> tab.keep.astype(int).tolist(), tab.count
-    ([[0, 0], [1, 0], [0, 1], [0, 1]], 4)
-  """
-  active = np.zeros(n + 2, np.int64)
-  for s, t, _ in windows:
-    active[s + 1] += 1
-    active[t + 1] -= 1
-  m = max(1, int(np.cumsum(active).max()))
-  keep = np.zeros((n, m), bool)
-  seed = np.zeros((n, m), np.int64)
-  owner = np.full((n, m), -1)
-  for w, (s, t, taus) in enumerate(windows):
-    slot = w % m
-    steps = np.arange(s, t)  # 0-based rows of steps s+1 .. t
-    assert (owner[steps, slot] == -1).all(), "windows are not sorted"
-    owner[steps, slot] = w
-    keep[s + 1:t, slot] = True  # the row of step s+1 drops the adjoint
-    for tau in taus:
-      seed[tau - 1, slot] += 1
-  return WindowTables(keep, seed)
-
-
 def _is_var(v) -> bool:
   return isinstance(v, jex.core.Var)
 
@@ -225,7 +175,8 @@ def backprop(cell, head, params, hs_prev, xs, resets, keep, seed, *,
     hs_prev: the input state of every row (leaves of leading length ``L``).
     xs: the rows' inputs (leading length ``L``).
     resets: ``None`` or the rows' reset masks.
-    keep: boolean ``(L, m)`` (see :class:`WindowTables`), traced or not.
+    keep: boolean ``(L, m)``: whether slot ``m``'s adjoint passes on from
+      row ``i`` to its input state (see :mod:`jbptt._src.layout`).
     seed: ``(L, m)`` cotangents of the rows' totals, per slot.
     remat: ``None`` or a ``jax.checkpoint`` policy: with one, the steps are
       linearised one after the other keeping what the policy saves, and the

@@ -542,6 +542,8 @@ def trainer(
   jitted = jax.jit(lambda state, xs, resets: _update(
       step_loss, split, safe, lay, gradient.remat, unroll, state, xs, resets))
 
+  checked = set()  # state structures whose optimizer state was checked
+
   def check_state(state, xs, resets):
     if not isinstance(state, TrainState):
       raise TypeError(
@@ -552,13 +554,18 @@ def trainer(
           "the state was made by another trainer: "
           + ", ".join(ours.differences(state.signature))
           + ". Make it with this trainer's init.")
-    want = jax.tree_util.tree_structure(jax.eval_shape(safe.init,
-                                                       state.params))
-    got = jax.tree_util.tree_structure(state.opt_state)
-    if want != got:
-      raise ValueError(
-          "the state's opt_state does not have this trainer's optimizer "
-          f"state structure: {got} given, {want} expected.")
+    key = (jax.tree_util.tree_structure(state), tuple(
+        (jnp.shape(a), jnp.result_type(a))
+        for a in jax.tree_util.tree_leaves(state.params)))
+    if key not in checked:  # tracing optax's init costs: once per structure
+      want = jax.tree_util.tree_structure(jax.eval_shape(safe.init,
+                                                         state.params))
+      got = jax.tree_util.tree_structure(state.opt_state)
+      if want != got:
+        raise ValueError(
+            "the state's opt_state does not have this trainer's optimizer "
+            f"state structure: {got} given, {want} expected.")
+      checked.add(key)
     if resets is not None and state.signature.resets is None:
       raise ValueError(
           "resets given to a stream declared without resets; declare them "

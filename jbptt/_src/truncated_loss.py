@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jbptt._src import adjoint, checks, segment, semantics, steps
+from jbptt._src import adjoint, checks, layout, segment, semantics, steps
 from jbptt._src import gradient as strategies
 
 tree_map = jax.tree_util.tree_map
@@ -69,17 +69,6 @@ def _chunked(split, params, carry, xs, resets, h0, n, k1, k2, losses, remat,
   return total, weight, h
 
 
-def overlap_windows(n: int, k1: int, k2: int, losses: str):
-  """The windows ``(s, t, taus)`` of TBPTT(k1 < k2): each update's truncation
-  state ``s``, end ``t`` and injected steps (one ``s`` per update)."""
-  windows = []
-  for update in semantics.schedule(n, k1, k2, losses):
-    s = max(0, update.t - k2)
-    assert all(s_tau == s for _, s_tau in update.injected)
-    windows.append((s, update.t, tuple(tau for tau, _ in update.injected)))
-  return windows
-
-
 def _overlapping(split, params, carry, xs, resets, h0, n, k1, k2, losses,
                  remat, unroll):
   """k1 < k2: one forward pass, then every window's adjoint in one pass.
@@ -88,8 +77,7 @@ def _overlapping(split, params, carry, xs, resets, h0, n, k1, k2, losses,
   the forward pass is shared and the reverse pass carries the adjoints of
   the windows active at each step as one batch (:mod:`jbptt._src.adjoint`).
   """
-  tables = adjoint.window_tables(n, overlap_windows(n, k1, k2, losses))
-  multiplicity = tables.seed.sum(1)
+  m = layout.num_slots(n, k1, k2)
 
   def cell(p, h, x, r, h0):
     return segment.masked_step(split.cell, p, h, x, r, None, h0)
@@ -101,7 +89,8 @@ def _overlapping(split, params, carry, xs, resets, h0, n, k1, k2, losses,
 
     h, (hs, outs) = lax.scan(body, carry, (xs, resets), unroll=unroll)
     totals, weights = split.head(params, outs, xs)
-    mult = jnp.asarray(multiplicity, totals.dtype)
+    seed = layout.slot_tables(n, k1, k2, losses, m)[1]
+    mult = jnp.sum(seed, axis=1).astype(totals.dtype)
     total = jnp.sum(totals * mult)
     weight = lax.stop_gradient(jnp.sum(weights * mult))
     return (total, weight, h), hs
@@ -120,10 +109,11 @@ def _overlapping(split, params, carry, xs, resets, h0, n, k1, k2, losses,
     hs_prev = tree_map(
         lambda a, b: jnp.concatenate([a[None], b[:-1]]), carry, hs
     )
+    keep, seed = layout.slot_tables(n, k1, k2, losses, m)
     d_params, d_xs, _ = adjoint.backprop(
         lambda p, h, x, r: cell(p, h, x, r, h0), split.head, params, hs_prev,
-        xs, resets, jnp.asarray(tables.keep),
-        jnp.asarray(tables.seed, g.dtype) * g, remat=remat, unroll=unroll,
+        xs, resets, keep, seed.astype(g.dtype) * g, remat=remat,
+        unroll=unroll,
     )
     return d_params, None, d_xs, None, None
 
