@@ -257,7 +257,7 @@ def sweep(step_loss, params, carry, xs, *, k2s, k1s=None, losses: str = "new",
   ``k1s`` and ``k2s`` broadcast against each other as NumPy arrays: a list of
   ``k2`` with one ``k1`` is a curve, ``k1s[:, None]`` against a list of
   ``k2`` a grid. The untruncated gradient is computed once (once per ``k1``
-  for the ``"window"`` and ``"last"`` policies).
+  for ``losses="window"`` and ``"last"``).
 
   Args:
     step_loss: as for :func:`gradient_bias`.
