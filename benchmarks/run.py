@@ -38,6 +38,11 @@ os.environ["KERAS_BACKEND"] = "jax"  # before anything imports Keras
 # On a GPU, JAX would otherwise take 75% of its memory up front, and the
 # memory and remat cases' subprocesses could not start beside this process.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# PyTorch's OpenMP threads otherwise spin while they wait for each other: on a
+# CPU shared with any other busy process its nn.LSTM then runs 5 to 10 times
+# slower (measured: 22 ms a chunk of the lm case alone, 200 to 1800 beside a
+# test run). Set OMP_WAIT_POLICY=ACTIVE to measure the spinning default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
@@ -194,6 +199,7 @@ def time_case(case: Case, repeats: int, progress=None):
       row.update({
           "vocab": case.vocab, "dim": case.dim,
           "ms_per_chunk": round(med * 1e3 / chunks, 2),
+          "min_ms_per_chunk": round(min(times[impl.name]) * 1e3 / chunks, 2),
           "tokens_per_s": round(case.n * case.batch / med),
           "repeats": repeats,
           "ms_all": [round(t * 1e3, 2) for t in times[impl.name]],
@@ -398,21 +404,38 @@ def environment(argv) -> dict:
                            check=False).stdout.splitlines()[:10]
   except OSError:
     lscpu = []
+  knobs = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "XLA_FLAGS")
   return {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
       "command": " ".join(["python", "benchmarks/run.py", *argv]),
       "device": device_name(), "python": platform.python_version(),
       "machine": [" ".join(line.split()) for line in lscpu], "versions": versions,
+      "environment": {k: os.environ[k] for k in knobs if k in os.environ},
+      # Other processes share this CPU: the load before and after the run.
+      "load_average": {"start": START_LOAD, "end": _load()},
   }
+
+
+def _load():
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return None
+
+
+START_LOAD = _load()
 
 
 def markdown(rows, skipped, env=None) -> str:
   lines = []
   if env:
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    knobs = ", ".join(f"{k}={v}" for k, v in env["environment"].items())
     lines += [f"Run: `{env['command']}`, {env['date']}; Python {env['python']}, "
-              f"{versions}.", ""]
+              f"{versions}; {knobs}; load average (1, 5, 15 min) "
+              f"{env['load_average']['start']} at the start, "
+              f"{env['load_average']['end']} at the end.", ""]
     if env["machine"]:
       lines += ["Machine (`lscpu | head`): " + "; ".join(env["machine"]) + ".", ""]
   lines += [f"Device: {device_name()}. Medians; ratio = time / jbptt.trainer's time "
@@ -435,14 +458,16 @@ def markdown(rows, skipped, env=None) -> str:
     lines += ["", "Language model (embedding E, LSTM H, read-out over V tokens, "
               "softmax cross-entropy, Adam; a synthetic token stream; n steps a "
               "run, an update every k1; tokens = steps x batch; ratio to "
-              "jbptt.trainer (cell_loss); medians of the repeats):", "",
+              "jbptt.trainer (cell_loss); medians of the repeats, and their "
+              "minimum):", "",
               "| V | E | H | B | k1 | k2 | n | implementation | ms / chunk | "
-              "tokens/s | ratio to cell_loss | compile s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "min ms / chunk | tokens/s | ratio to cell_loss | compile s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['vocab']} | {r['dim']} | {r['hidden']} | {r['batch']} | "
               f"{r['k1']} | {r['k2']} | {r['n']} | {r['impl']} | "
-              f"{r['ms_per_chunk']:.1f} | {r['tokens_per_s']:.0f} | "
-              f"{_ratio(rows, r)} | {r['compile_s']} |" for r in lm]
+              f"{r['ms_per_chunk']:.1f} | {r['min_ms_per_chunk']:.1f} | "
+              f"{r['tokens_per_s']:.0f} | {_ratio(rows, r)} | {r['compile_s']} |"
+              for r in lm]
   mem = [r for r in rows if r["case"] == "memory"]
   if mem:
     lines += ["", "Memory against stream length (TBPTT(32, 32), B=8, H=64; peak "

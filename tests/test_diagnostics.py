@@ -8,18 +8,10 @@ import pytest
 import jbptt
 import jbptt.diagnostics as jd
 
-from conftest import D, H, carry0, data, step_loss
+from conftest import D, H, carry0, data, full_grad, step_loss
 
 tree_map = jax.tree_util.tree_map
 leaves = jax.tree_util.tree_leaves
-
-
-@jax.jit
-def full_grad(p, h, xs):
-  """Full BPTT of the mean loss with a plain scan (no jbptt)."""
-  def loss(p):
-    return jnp.mean(jax.lax.scan(lambda h, x: step_loss(p, h, x), h, xs)[1])
-  return jax.grad(loss)(p)
 
 
 def cos_err(a, b):
@@ -30,21 +22,21 @@ def cos_err(a, b):
   return cos, np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-def trunc_grad(step, p, h, xs, k1, k2, policy="new"):
+def trunc_grad(step, p, h, xs, k1, k2, losses="new"):
   """The TBPTT(k1, k2) gradient, straight from jbptt.truncated_loss."""
-  f = jbptt.truncated_loss(step, k1=k1, k2=k2, policy=policy)
+  f = jbptt.truncated_loss(step, k1=k1, k2=k2, losses=losses)
   return jax.jit(jax.grad(lambda p: f(p, h, xs)[0]))(p)
 
 
-# (n, k1, k2, policy): k1 < n dividing it or not, k1 > n, k1 = 1, k2 = n and
-# k2 > n; the other two policies once each.
-@pytest.mark.parametrize("n,k1,k2,policy", [
+# (n, k1, k2, losses): k1 < n dividing it or not, k1 > n, k1 = 1, k2 = n and
+# k2 > n; the other two losses values once each.
+@pytest.mark.parametrize("n,k1,k2,losses", [
     (8, 4, 8, "new"), (7, 3, 9, "new"), (7, 9, 7, "new"), (7, 1, 8, "new"),
     (7, 3, 7, "window"), (7, 3, 10, "last")])
-def test_k2_at_least_n_is_unbiased(n, k1, k2, policy, params):
+def test_k2_at_least_n_is_unbiased(n, k1, k2, losses, params):
   xs, h = data(n), carry0()
   bias = jd.gradient_bias(step_loss, params, h, xs, k1=k1, k2=k2,
-                          policy=policy)
+                          losses=losses)
   np.testing.assert_allclose(bias.cosine, 1.0, atol=1e-12)
   np.testing.assert_allclose(bias.relative_error, 0.0, atol=1e-10)
   for c, e in zip(leaves(bias.leaf_cosine), leaves(bias.leaf_relative_error)):
@@ -69,14 +61,14 @@ def test_matches_direct_computation_new(k1, k2, params):
     np.testing.assert_allclose(got.leaf_relative_error[name], e, rtol=1e-10)
 
 
-@pytest.mark.parametrize("policy", ["last"])  # "window": in the sweep test
-def test_other_policies_compare_with_their_own_losses_untruncated(policy,
-                                                                  params):
+@pytest.mark.parametrize("losses", ["last"])  # "window": in the sweep test
+def test_other_losses_compare_with_their_own_losses_untruncated(losses,
+                                                                params):
   n, k1, k2 = 9, 3, 2
   xs, h = data(n), carry0()
-  got = jd.gradient_bias(step_loss, params, h, xs, k1=k1, k2=k2, policy=policy)
-  g = trunc_grad(step_loss, params, h, xs, k1, k2, policy)
-  want = trunc_grad(step_loss, params, h, xs, k1, n, policy)
+  got = jd.gradient_bias(step_loss, params, h, xs, k1=k1, k2=k2, losses=losses)
+  g = trunc_grad(step_loss, params, h, xs, k1, k2, losses)
+  want = trunc_grad(step_loss, params, h, xs, k1, n, losses)
   cos, err = cos_err(leaves(g), leaves(want))
   assert cos < 1 - 1e-4
   np.testing.assert_allclose(got.cosine, cos, rtol=1e-10)
@@ -232,11 +224,11 @@ def test_sweep_shapes_and_values(params):
   assert curve.cosine[0] < curve.cosine[-1] == pytest.approx(1.0, abs=1e-12)
 
   grid = jd.sweep(step_loss, params, h, xs, k2s=[2, 8],
-                  k1s=np.array([3, 9])[:, None], policy="window")
+                  k1s=np.array([3, 9])[:, None], losses="window")
   assert grid.cosine.shape == grid.k1.shape == grid.k2.shape == (2, 2)
   np.testing.assert_array_equal(grid.k1[:, 0], [3, 9])
   np.testing.assert_array_equal(grid.k2[0], [2, 8])
-  b = jd.gradient_bias(step_loss, params, h, xs, k1=3, k2=2, policy="window")
+  b = jd.gradient_bias(step_loss, params, h, xs, k1=3, k2=2, losses="window")
   assert b.cosine < 1 - 1e-4
   np.testing.assert_allclose(grid.cosine[0, 0], b.cosine, rtol=1e-12)
   np.testing.assert_allclose(grid.relative_error[0, 0], b.relative_error,
@@ -252,7 +244,7 @@ def test_sweep_shapes_and_values(params):
     ({"k2s": [2, 3], "k1s": [-1]}, r"k1s must hold positive ints, got -1"),
     ({"k2s": [2, 3], "k1s": [1, 2, 3]}, "k1s and k2s must broadcast"),
     ({"k2s": [2], "k1s": []}, "k1s must hold at least one"),
-    ({"k2s": [2], "policy": "all"}, "policy must be one of"),
+    ({"k2s": [2], "losses": "all"}, "losses must be one of"),
 ])
 def test_sweep_bad_arguments(kwargs, match, params):
   with pytest.raises(ValueError, match=match):
@@ -272,7 +264,7 @@ def test_lag_norms_bad_max_lag(max_lag, match, params):
 @pytest.mark.parametrize("kwargs,match", [
     ({"k1": 0, "k2": 2}, "k1 must be a positive int"),
     ({"k1": 2, "k2": -1}, "k2 must be a positive int"),
-    ({"k1": 2, "k2": 2, "policy": "old"}, "policy must be one of"),
+    ({"k1": 2, "k2": 2, "losses": "old"}, "losses must be one of"),
 ])
 def test_gradient_bias_bad_arguments(kwargs, match, params):
   with pytest.raises(ValueError, match=match):

@@ -1,5 +1,6 @@
 """Data parallel over 4 forced host devices: the same params as one device."""
 
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -10,11 +11,15 @@ import pytest
 
 import jbptt.sharding as js
 
+# Run in a fresh process: the 4 host devices must be set before JAX starts.
 SCRIPT = textwrap.dedent("""
-    import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import sys
+    import chex
+    chex.set_n_cpu_devices(4)
     import jax, jax.numpy as jnp, numpy as np, optax
     import jbptt, jbptt.sharding as js
+    sys.path.insert(0, TESTS)
+    from conftest import assert_trees_close
     assert len(jax.devices()) == 4
     D, H, B, n = 3, 8, 8, 30
     k = jax.random.split(jax.random.key(0), 3)
@@ -32,13 +37,12 @@ SCRIPT = textwrap.dedent("""
     xs_s, r_s = js.shard_batch((xs, resets), mesh, batch_axis=1)
     h_s, p_s = js.shard_batch(h0, mesh), js.replicate(params, mesh)
     def close(a, b):
-      for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+      assert_trees_close(a, b, rtol=1e-5, atol=1e-6)
     for k1, k2 in [(4, 4), (3, 8), (5, 2)]:
       tr = jbptt.trainer(step_loss, optax.adam(1e-2), k1=k1, k2=k2)
-      one = tr.init(params, h0)
+      one = tr.init(params, h0, xs, resets)
       one, m1 = tr.update(one, xs, resets)
-      many = tr.init(p_s, h_s)
+      many = tr.init(p_s, h_s, xs_s, r_s)
       for a, b in [(0, 7), (7, 30)]:  # uneven pieces, still sharded
         many, m2 = tr.update(many, jax.tree_util.tree_map(lambda v: v[a:b], xs_s),
                              r_s[a:b])
@@ -47,8 +51,8 @@ SCRIPT = textwrap.dedent("""
       assert many.params["W"].sharding.is_fully_replicated
       assert many.carry.sharding.spec == jax.sharding.PartitionSpec("batch")
       f = jbptt.truncated_loss(step_loss, k1=k1, k2=k2)
-      g1 = jax.grad(lambda p: f(p, h0, xs)[0])(params)
-      g2 = jax.jit(jax.grad(lambda p, h, x: f(p, h, x)[0]))(p_s, h_s, xs_s)
+      grad = jax.jit(jax.grad(lambda p, h, x: f(p, h, x)[0]))
+      g1, g2 = grad(params, h0, xs), grad(p_s, h_s, xs_s)
       close(g1, g2)
       assert g2["W"].sharding.is_fully_replicated
     # A sharded state saved mid-stream comes back with its shardings.
@@ -64,8 +68,10 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_data_parallel_matches_one_device():
-  out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True,
-                       text=True, timeout=600, check=False)
+  tests = str(pathlib.Path(__file__).parent)
+  out = subprocess.run([sys.executable, "-c", f"TESTS = {tests!r}\n" + SCRIPT],
+                       capture_output=True, text=True, timeout=600,
+                       check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.strip().endswith("ok")
 
