@@ -406,8 +406,7 @@ def environment(argv) -> dict:
     lscpu = []
   knobs = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "XLA_FLAGS")
   return {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec="seconds"),
+      "date": START_TIME, "end": _now(),
       "command": " ".join(["python", "benchmarks/run.py", *argv]),
       "device": device_name(), "python": platform.python_version(),
       "machine": [" ".join(line.split()) for line in lscpu], "versions": versions,
@@ -424,7 +423,12 @@ def _load():
     return None
 
 
-START_LOAD = _load()
+def _now():
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(
+      timespec="seconds")
+
+
+START_LOAD, START_TIME = _load(), _now()
 
 
 def markdown(rows, skipped, env=None) -> str:
@@ -432,7 +436,8 @@ def markdown(rows, skipped, env=None) -> str:
   if env:
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
     knobs = ", ".join(f"{k}={v}" for k, v in env["environment"].items())
-    lines += [f"Run: `{env['command']}`, {env['date']}; Python {env['python']}, "
+    lines += [f"Run: `{env['command']}`, {env['date']} to {env['end']}; "
+              f"Python {env['python']}, "
               f"{versions}; {knobs}; load average (1, 5, 15 min) "
               f"{env['load_average']['start']} at the start, "
               f"{env['load_average']['end']} at the end.", ""]

@@ -67,9 +67,9 @@ def test_matches_reference(n, k1, k2, losses, gradient, params):
       step_loss, ADAM, params, h, xs, k1, k2, losses)
   tr = make_trainer(k1, k2, losses, gradient)
   cuts = [3] if losses == "new" and n > 3 else []
-  state, losses = feed(tr, tr.init(params, h, xs), xs, cuts)
+  state, got_losses = feed(tr, tr.init(params, h, xs), xs, cuts)
   assert_trees_close(state.params, want_params)
-  np.testing.assert_allclose(losses, want_losses, rtol=1e-10)
+  np.testing.assert_allclose(got_losses, want_losses, rtol=1e-10)
   assert_trees_close(state.carry, want_carry)
   assert int(state.step) == n
   assert int(state.opt_state.total_notfinite) == 0
@@ -77,22 +77,30 @@ def test_matches_reference(n, k1, k2, losses, gradient, params):
 
 @pytest.mark.parametrize("k1,k2", [(4, 4), (3, 7), (5, 2)])
 def test_split_invariance(k1, k2, params):
+  """A stream split anywhere trains as the whole stream (and the reference):
+  the same params, carry, losses, optimizer state and history."""
   n = 23
   xs, h = data(n), carry0()
+  want_params, want_losses, want_carry = ref.train(
+      step_loss, ADAM, params, h, xs, k1, k2)
   tr = make_trainer(k1, k2)
-  whole, whole_losses = feed(tr, tr.init(params, h, xs), xs, [])
-  # Pieces of one step, pieces of 7 starting at every phase of k1, and a
-  # first piece of 8 (several updates and a pending step in one call).
-  for cuts in ([1, 8, 15, 22], [8, 9, 16]):
-    split, losses = feed(tr, tr.init(params, h, xs), xs, cuts)
-    assert_trees_close(split.params, whole.params)
+  # The whole; pieces of one step, pieces of 7 starting at every phase of
+  # k1; a first piece of 8 (several updates and a pending step in one call).
+  whole = None
+  for cuts in ([], [1, 8, 15, 22], [8, 9, 16]):
+    split, got_losses = feed(tr, tr.init(params, h, xs), xs, cuts)
+    assert_trees_close(split.params, want_params)
+    assert_trees_close(split.carry, want_carry)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-10)
+    if whole is None:
+      whole = split
     assert_trees_close(split.opt_state, whole.opt_state)
-    assert_trees_close(split.carry, whole.carry)
-    np.testing.assert_allclose(losses, whole_losses, rtol=1e-10)
+    assert_trees_close(split.history, whole.history)
+    assert int(split.step) == n
 
 
 def test_metrics_layout(params):
-  tr = jbptt.trainer(step_loss, optax.sgd(0.1), k1=4, k2=4)
+  tr = make_trainer(4, 4)
   state = tr.init(params, carry0(), data(8))
 
   def check(m, valid):
@@ -103,7 +111,9 @@ def test_metrics_layout(params):
     assert m.weight.tolist() == [4.0 if ok else 0.0 for ok in valid]
     assert bool(jnp.all((m.grad_norm > 0) == m.valid))
 
-  state, m = tr.update(state, data(8))
+  state, m = tr.update(state, data(3))  # no update: one empty slot
+  check(m, [False])
+  state, m = tr.update(state, data(5))  # completes it and makes another
   check(m, [True, True])
   state, m = tr.update(state, data(6))  # 6 steps: one update, 2 pending
   check(m, [True, False])
@@ -138,9 +148,10 @@ def test_resets_match_reference(k1, k2, losses, params):
   want_params, want_losses, want_carry = ref.train(
       step_loss, ADAM, params, h, xs, k1, k2, losses, resets=resets)
   tr = make_trainer(k1, k2, losses)
-  state, losses = feed(tr, tr.init(params, h, xs, resets), xs, CUTS, resets)
+  state, got_losses = feed(tr, tr.init(params, h, xs, resets), xs, CUTS,
+                           resets)
   assert_trees_close(state.params, want_params)
-  np.testing.assert_allclose(losses, want_losses, rtol=1e-10)
+  np.testing.assert_allclose(got_losses, want_losses, rtol=1e-10)
   assert_trees_close(state.carry, want_carry)
 
 
@@ -148,18 +159,18 @@ def test_resets_match_reference(k1, k2, losses, params):
     (2, 5, RECOMPUTE), (2, 5, STORED), (4, 2, RECOMPUTE)], ids=gradient_id)
 def test_stream_without_resets_keeps_none(k1, k2, gradient, params):
   """A stream declared without resets is traced without them and trains as
-  one declared with them and fed all-false."""
+  one declared with them and fed all-false (in one call: the tests above
+  feed both kinds in pieces)."""
   xs, h = data(N), carry0()
   tr = make_trainer(k1, k2, gradient=gradient)
-  plain, plain_losses = feed(tr, tr.init(params, h, xs), xs, CUTS)
+  plain, plain_m = tr.update(tr.init(params, h, xs), xs)
   zeros = np.zeros((N, 2), bool)
-  masked, masked_losses = feed(tr, tr.init(params, h, xs, zeros), xs, CUTS,
-                               zeros)
+  masked, masked_m = tr.update(tr.init(params, h, xs, zeros), xs, zeros)
   assert plain.history.resets is None
   assert masked.history.resets is not None
   assert_trees_close(plain.params, masked.params)
   assert_trees_close(plain.carry, masked.carry)
-  np.testing.assert_allclose(plain_losses, masked_losses, rtol=1e-12)
+  assert_trees_close(plain_m, masked_m, rtol=1e-12)
 
 
 @pytest.mark.parametrize("k1,k2,gradient", [
@@ -278,16 +289,15 @@ def test_state_can_be_donated(k1, k2, gradient, params):
   donated; donating changes nothing in the result."""
   xs, h, resets = data(N), carry0(), stream_resets()
   tr = make_trainer(k1, k2, gradient=gradient)
-  plain, _ = feed(tr, tr.init(params, h, xs, resets), xs, CUTS, resets)
+  plain = tr.init(params, h, xs, resets)
+  for _ in range(2):  # the stream's chunk, twice
+    plain, _ = tr.update(plain, xs, resets)
   donating = jax.jit(tr.update, donate_argnums=0)
   fresh = lambda: tree_map(jnp.copy, (params, h))  # donation consumes them
   for state in (tr.init(*fresh(), xs, resets),
                 tr.init(*fresh(), spec(xs), spec(resets))):
-    # The fresh state is donated; the states update returns are XLA's
-    # outputs, distinct buffers anyway (and fed as usual).
-    state, _ = donating(state, piece(xs, 0, CUTS[0]), resets[:CUTS[0]])
-    state, _ = feed(tr, state, piece(xs, CUTS[0], N),
-                    [CUTS[1] - CUTS[0]], resets[CUTS[0]:])
+    state, _ = donating(state, xs, resets)  # a fresh state
+    state, _ = donating(state, xs, resets)  # a state that update returned
     assert_trees_close(state.params, plain.params, atol=1e-12, rtol=1e-12)
     assert_trees_close(state.carry, plain.carry, atol=1e-12, rtol=1e-12)
 
@@ -355,9 +365,10 @@ def test_stored_states_match_their_reference(n, k1, k2, losses, gradient,
       step_loss, ADAM, params, h, xs, k1, k2, losses, resets=resets)
   tr = make_trainer(k1, k2, losses, gradient)
   cuts = [3] if k1 < k2 and n > 3 else []  # k1 >= k2: see the next test
-  state, losses = feed(tr, tr.init(params, h, xs, resets), xs, cuts, resets)
+  state, got_losses = feed(tr, tr.init(params, h, xs, resets), xs, cuts,
+                           resets)
   assert_trees_close(state.params, want_params)
-  np.testing.assert_allclose(losses, want_losses, rtol=1e-10)
+  np.testing.assert_allclose(got_losses, want_losses, rtol=1e-10)
   assert_trees_close(state.carry, want_carry)
 
 
