@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -93,10 +94,11 @@ class TrainState(NamedTuple):
 class Metrics(NamedTuple):
   """Per-update metrics of one ``update`` call.
 
-  Every field has one entry per update slot of the call: ``ceil`` of the
-  chunk length over ``k1`` slots at most, exactly ``len(xs) // k1`` when the
-  chunk length is a multiple of ``k1``. ``valid`` marks the slots in which an
-  update happened.
+  Every field has one entry per update slot of the call's capacity class
+  (see :func:`capacity`): ``ceil(len(xs) / k1)`` rounded up to a power of
+  two. Slot ``j`` holds the ``j``-th update that ends in the chunk; ``valid``
+  marks the slots in which an update happened, the others hold zeros (mask
+  with it: ``metrics.loss[metrics.valid]``).
 
   Attributes:
     loss: the update's objective, ``sum(total) / sum(weight)`` over its
@@ -302,24 +304,41 @@ def _current(split, lay, unroll, h0, params, anchor, tail_x, tail_r, left):
   )
 
 
+def capacity(m: int, k1: int) -> int:
+  """The capacity class of a chunk of ``m`` steps: its update slots,
+  ``ceil(m / k1)``, rounded up to a power of two, times ``k1`` steps.
+
+  ``update`` pads a chunk to its capacity, so that one program serves every
+  chunk length of a class; ``Metrics`` has one entry per slot of it.
+  """
+  slots = -(-m // k1)
+  return k1 * (1 << (slots - 1).bit_length())
+
+
 def _update(step_loss, split, optimizer, lay, remat, unroll, state, xs,
-            resets):
-  """One call of ``update``, traced: the scan over the chunk's updates."""
-  m = checks.time_length(xs)
+            resets, m):
+  """One call of ``update``, traced: the loop over the chunk's updates.
+
+  ``xs`` (and ``resets``) hold a chunk of ``m`` steps (traced) padded to a
+  static capacity; the steps past ``m`` are never read. The loop runs once
+  per update that ends in the chunk, so its cost follows ``m``; the metrics
+  have one slot per update the capacity could hold.
+  """
+  cap = checks.time_length(xs)
   checks.check_step(step_loss, state.params, state.carry,
                     checks.first_step(xs))
   hist = state.history
   if resets is not None:
-    resets = checks.check_resets(resets, m, state.carry)
+    resets = checks.check_resets(resets, cap, state.carry)
     shape = hist.resets.shape[1:]
     try:
-      resets = jnp.broadcast_to(resets, (m,) + shape)
+      resets = jnp.broadcast_to(resets, (cap,) + shape)
     except ValueError:
       raise ValueError(
           f"resets has per-step shape {resets.shape[1:]}; the stream was "
           f"declared at init with per-step shape {shape}.") from None
   elif hist.resets is not None:
-    resets = jnp.zeros((m,) + hist.resets.shape[1:], bool)
+    resets = jnp.zeros((cap,) + hist.resets.shape[1:], bool)
   h0 = state.initial_carry
   t0 = state.step
   pad = lay.length - 1
@@ -333,7 +352,7 @@ def _update(step_loss, split, optimizer, lay, remat, unroll, state, xs,
   all_x = _concat(buffered, xs)
   all_r = None if resets is None else jnp.concatenate([hist.resets, resets])
   pending = t0 % lay.k1
-  n_slots = (lay.k1 - 1 + m) // lay.k1
+  n_updates = (pending + m) // lay.k1  # slots 1..n_updates hold one each
   window = stored_window if lay.stored else recomputed_window
 
   def run_update(carry, j):
@@ -357,44 +376,31 @@ def _update(step_loss, split, optimizer, lay, remat, unroll, state, xs,
     )
     return (new_params, new_opt, h_end, starts), metrics
 
-  def slot(carry, j):
-    if m % lay.k1 == 0:  # every slot holds an update
-      return run_update(carry, j)
-    shapes = jax.eval_shape(run_update, carry, j)[1]
-    skip = lambda c, _: (c, tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                     shapes))
-    return lax.cond(j * lay.k1 - pending <= m, run_update, skip, carry, j)
-
-  left = (pending + m) % lay.k1
-  tail = lambda a: a[-(lay.k1 - 1):]
-
-  def slot_and_carry(carry, j):
-    """A slot; after the last one, also the stream's current carry.
-
-    The current carry is made inside the loop, in a buffer the loop
-    carries, rather than after it: XLA:CPU may share a buffer defined
-    after the loop with the loop's temporaries, and a shared buffer
-    orders kernels that could otherwise run at once.
-    """
-    inner, stream = carry
-    inner, metrics = slot(inner, j)
-    params, _, anchor, _ = inner
-    if lay.k1 == 1:  # no steps after the last update
-      return (inner, anchor), metrics
-    stream = lax.cond(
-        j == n_slots,
-        lambda: _current(split, lay, unroll, h0, params, anchor,
-                         tree_map(tail, all_x),
-                         None if all_r is None else tail(all_r), left),
-        lambda: stream,
-    )
-    return (inner, stream), metrics
-
   init_carry = (state.params, state.opt_state, hist.anchor, hist.starts)
-  ((params, opt_state, anchor, starts), carry), metrics = lax.scan(
-      slot_and_carry, (init_carry, state.carry), jnp.arange(1, n_slots + 1)
-  )
-  keep_last = lambda a: a[a.shape[0] - pad:]
+  shapes = jax.eval_shape(run_update, init_carry, 1)[1]
+  n_slots = (lay.k1 - 1 + cap) // lay.k1
+  empty = tree_map(lambda s: jnp.zeros((n_slots,) + s.shape, s.dtype), shapes)
+
+  def body(j, carry):
+    inner, table = carry
+    inner, metrics = run_update(inner, j)
+    table = tree_map(
+        lambda a, v: lax.dynamic_update_index_in_dim(a, v, j - 1, 0),
+        table, metrics)
+    return inner, table
+
+  (params, opt_state, anchor, starts), metrics = lax.fori_loop(
+      1, n_updates + 1, body, (init_carry, empty))
+  if lay.k1 == 1:  # no steps after the last update
+    carry = anchor
+  else:  # the anchor advanced over the steps fed since the last update
+    tail = lambda a: lax.dynamic_slice_in_dim(a, pad + m - (lay.k1 - 1),
+                                              lay.k1 - 1)
+    carry = _current(split, lay, unroll, h0, params, anchor,
+                     tree_map(tail, all_x),
+                     None if all_r is None else tail(all_r),
+                     (pending + m) % lay.k1)
+  keep_last = lambda a: lax.dynamic_slice_in_dim(a, m, pad)
   history = History(
       xs=tree_map(keep_last, _concat(hist.xs, xs)),
       resets=None if all_r is None else keep_last(all_r),
@@ -429,10 +435,17 @@ def trainer(
   the current params; the gradient of the injected totals divided by their
   weight (:class:`jbptt.WeightedLoss`; their number for plain losses) is
   passed to ``optimizer`` and applied. ``update`` runs a whole chunk as one
-  jitted XLA program (a scan over its updates with the optax step inside);
+  jitted XLA program (a loop over its updates with the optax step inside);
   steps left over when the chunk is not a multiple of ``k1`` wait in the
   state, so splitting a stream into pieces of any lengths gives the same
   params as one call on the whole.
+
+  Chunk lengths: ``update`` compiles one program per capacity class, the
+  chunk's ``ceil(len(xs) / k1)`` update slots rounded up to a power of two
+  (:func:`capacity`): a chunk is padded to its class, and the loop runs
+  once per update it holds, so a call costs what its steps cost, whatever
+  the class. Padding a chunk of host (NumPy) arrays compiles nothing; a
+  chunk of JAX arrays of a length not seen before compiles a small copy.
 
   Safety: ``optimizer`` is wrapped in ``optax.apply_if_finite`` (without a
   limit), so an update whose gradient is not finite is not applied: params
@@ -495,8 +508,8 @@ def trainer(
     >>> xs = jnp.ones(10)
     >>> state = tr.init(jnp.float32(0.3), jnp.float32(0.0), xs)
     >>> state, metrics = tr.update(state, xs)
-    >>> metrics.loss.shape, int(state.step)
-    ((3,), 10)
+    >>> metrics.valid.tolist(), int(state.step)  # 3 updates in 4 slots
+    ([True, True, False, False], 10)
 
   References:
     Williams & Peng, An Efficient Gradient-Based Algorithm for On-Line
@@ -539,8 +552,9 @@ def trainer(
         signature=signature(reset_shape),
     )
 
-  jitted = jax.jit(lambda state, xs, resets: _update(
-      step_loss, split, safe, lay, gradient.remat, unroll, state, xs, resets))
+  jitted = jax.jit(lambda state, xs, resets, m: _update(
+      step_loss, split, safe, lay, gradient.remat, unroll, state, xs, resets,
+      m))
 
   checked = set()  # state structures whose optimizer state was checked
 
@@ -584,9 +598,40 @@ def trainer(
 
   def update(state: TrainState, xs, resets=None):
     check_state(state, xs, resets)
-    return jitted(state, xs, resets)
+    m = checks.time_length(xs)
+    if resets is not None and jnp.shape(resets)[:1] != (m,):
+      raise ValueError(
+          f"resets must have shape (n, ...) with n={m} time steps like xs, "
+          f"got shape {jnp.shape(resets)}.")
+    cap = capacity(m, k1)
+    return jitted(state, _padded(xs, cap), _padded(resets, cap), m)
 
   return Trainer(init=init, update=update)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _pad_arrays(tree, size):
+  return tree_map(lambda a: jnp.concatenate(
+      [a, jnp.zeros((size - a.shape[0],) + a.shape[1:], a.dtype)]), tree)
+
+
+def _padded(tree, size: int):
+  """``tree``'s leaves padded with zeros along time to ``size`` steps: host
+  arrays on the host (nothing compiled), JAX arrays in one small program
+  (traced into the caller's program under a transformation)."""
+  if tree is None or checks.time_length(tree) == size:
+    return tree
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  on_device = [i for i, a in enumerate(leaves) if isinstance(a, jax.Array)]
+  padded = dict(zip(on_device, _pad_arrays([leaves[i] for i in on_device],
+                                           size)))
+  for i, a in enumerate(leaves):
+    if i not in padded:
+      a = np.asarray(a)
+      padded[i] = np.concatenate(
+          [a, np.zeros((size - a.shape[0],) + a.shape[1:], a.dtype)])
+  return jax.tree_util.tree_unflatten(treedef,
+                                      [padded[i] for i in range(len(leaves))])
 
 
 def _describe(spec) -> str:
