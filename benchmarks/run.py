@@ -48,6 +48,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+import compile_cases  # noqa: E402
 import impls_jax  # noqa: E402
 import impls_torch  # noqa: E402
 
@@ -75,6 +76,8 @@ def cases(mode: str) -> dict[str, list[Case]]:
         "memory": [],
         "remat": [],
         "devices": [],
+        "chunks": [],
+        "long-n": [],
     }
   n_big = 1024 if mode == "full" else 256
   return {
@@ -96,6 +99,8 @@ def cases(mode: str) -> dict[str, list[Case]]:
       "memory": [],  # run by memory_case
       "remat": [],  # run by remat_case
       "devices": [],  # run by devices_case
+      "chunks": [],  # run by compile_cases.chunks_case
+      "long-n": [],  # run by compile_cases.long_n_case
   }
 
 
@@ -431,6 +436,9 @@ def _now():
 START_LOAD, START_TIME = _load(), _now()
 
 
+_OWN_TABLES = ("memory", "devices", "remat", "lm", "chunks", "long-n")
+
+
 def markdown(rows, skipped, env=None) -> str:
   lines = []
   if env:
@@ -451,7 +459,7 @@ def markdown(rows, skipped, env=None) -> str:
             "ratio to jbptt | compile s | peak MB |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
-    if row["case"] in ("memory", "devices", "remat", "lm"):
+    if row["case"] in _OWN_TABLES:
       continue
     lines.append(
         f"| {row['case']} | {row['k1']} | {row['k2']} | {row['batch']} | "
@@ -499,6 +507,7 @@ def markdown(rows, skipped, env=None) -> str:
               "|---|---|---|---|"]
     lines += [f"| {r['impl']} | {r['ms_per_seq']:.1f} | {r['steps_per_s']:.0f} | "
               f"{r['ms_per_seq'] / base:.2f} |" for r in dev]
+  lines += compile_cases.markdown(rows)
   if skipped:
     lines += ["", "Not run here: " + "; ".join(
         sorted({f"{name} ({why})" for name, why in skipped}))]
@@ -511,7 +520,7 @@ def plots(rows, out: pathlib.Path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  speed = [r for r in rows if r["case"] not in ("memory", "devices", "remat")]
+  speed = [r for r in rows if r["case"] not in _OWN_TABLES or r["case"] == "lm"]
   group = lambda r: (r["case"], r["k1"], r["k2"], r.get("vocab", 0))
   groups = sorted({group(r) for r in speed})
   impls = sorted({r["impl"] for r in speed})
@@ -560,7 +569,7 @@ def main(argv=None):
   parser.add_argument("--out", default="bench-out")
   parser.add_argument("--cases", nargs="*",
                       help="lstm, online, stream, k2-sweep, lm, memory, remat, "
-                      "devices; unroll (the trainer at unroll 1 to 16, run only "
+                      "devices, chunks, long-n; unroll (the trainer at unroll 1 to 16, run only "
                       "when named)")
   parser.add_argument("--repeats", type=int)
   parser.add_argument("--_memprobe", nargs=3, help=argparse.SUPPRESS)
@@ -616,6 +625,19 @@ def main(argv=None):
         bar = progress.add_task("devices", total=3)
         n_dev = {"smoke": 64, "quick": 256, "full": 1024}[level]
         rows += devices_case(n_dev, min(repeats, 3), lambda: progress.advance(bar))
+        continue
+      if group == "chunks":
+        bar = progress.add_task("chunks", total=3)
+        calls = {"smoke": 4, "quick": 40, "full": 40}[level]
+        rows += compile_cases.chunks_case(
+            calls=calls, progress=lambda: progress.advance(bar))
+        continue
+      if group == "long-n":
+        ns = {"smoke": [100, 200], "quick": [1000, 10_000, 100_000],
+              "full": [1000, 10_000, 100_000, 1_000_000]}[level]
+        bar = progress.add_task("long-n", total=2 * len(ns))
+        rows += compile_cases.long_n_case(
+            ns, repeats=min(repeats, 3), progress=lambda: progress.advance(bar))
         continue
       for case in groups[group]:
         n_impls = len(available(impls_for(case), case)[0])

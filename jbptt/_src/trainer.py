@@ -557,8 +557,20 @@ def trainer(
       m))
 
   checked = set()  # state structures whose optimizer state was checked
+  passed = set()  # (state, xs, resets) layouts that passed every check
 
   def check_state(state, xs, resets):
+    """Clear errors for a state or chunk this trainer cannot take. A layout
+    (structures, the signature, shapes and dtypes) that passed once is not
+    checked again: a live feed pays one flatten per call, not the checks."""
+    key = _layout_key(state, xs, resets)
+    if key is not None and key in passed:
+      return
+    _check_state(state, xs, resets)
+    if key is not None and len(passed) < 64:  # a few layouts per trainer; bounded all the same
+      passed.add(key)
+
+  def _check_state(state, xs, resets):
     if not isinstance(state, TrainState):
       raise TypeError(
           f"update expects a jbptt.TrainState, got {type(state).__name__}.")
@@ -607,6 +619,29 @@ def trainer(
     return jitted(state, _padded(xs, cap), _padded(resets, cap), m)
 
   return Trainer(init=init, update=update)
+
+
+def _layout_key(state, xs, resets):
+  """What ``update``'s checks read from its arguments, hashable: the
+  structures of the state (with its static signature), ``xs`` and ``resets``,
+  the shapes and dtypes of the params and of the declared stream, and the
+  per-step shapes and dtypes of ``xs`` and ``resets``."""
+  if not isinstance(state, TrainState):
+    return None
+  return (jax.tree_util.tree_structure(state),
+          _shapes(state.params, 0), _shapes(state.history.xs, 1),
+          jax.tree_util.tree_structure(xs), _shapes(xs, 1),
+          _shapes(resets, 1))
+
+
+def _shapes(tree, skip):
+  """``(shape[skip:], dtype)`` of every leaf of ``tree``."""
+  out = []
+  for a in jax.tree_util.tree_leaves(tree):
+    dtype = getattr(a, "dtype", None)  # arrays: an attribute, no promotion
+    out.append((np.shape(a)[skip:],
+                jnp.result_type(a) if dtype is None else dtype))
+  return tuple(out)
 
 
 @functools.partial(jax.jit, static_argnums=1)
