@@ -4,7 +4,7 @@ from jbptt._src.diagram import schedule_diagram
 from jbptt._src.gradient import Recompute, StoredStates
 from jbptt._src.semantics import Update, schedule
 from jbptt._src.steps import CellLoss, WeightedLoss, cell_loss
-from jbptt._src.trainer import Metrics, Trainer, TrainState, trainer
+from jbptt._src.trainer import Metrics, Trainer, TrainState, capacity, trainer
 from jbptt._src.truncated_loss import truncated_loss
 from jbptt._src.unroll import truncated_unroll
 
@@ -19,6 +19,7 @@ __all__ = (
     "Trainer",
     "Update",
     "WeightedLoss",
+    "capacity",
     "cell_loss",
     "schedule",
     "schedule_diagram",

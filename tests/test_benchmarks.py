@@ -14,7 +14,9 @@ def test_benchmark_smoke(tmp_path):
        "--out", str(tmp_path)],
       capture_output=True, text=True, timeout=600, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
-  rows = json.loads((tmp_path / "results.json").read_text())
+  every = json.loads((tmp_path / "results.json").read_text())
+  own = {"chunks", "long-n"}  # the compile cases, with their own columns
+  rows = [r for r in every if r["case"] not in own]
   keys = {"case", "impl", "k1", "k2", "batch", "hidden", "n", "ms_per_seq",
           "steps_per_s", "peak_mem_mb", "compile_s", "device"}
   assert rows and all(keys <= set(r) for r in rows)
@@ -29,7 +31,15 @@ def test_benchmark_smoke(tmp_path):
       r["impl"] for r in lm}
   assert all(r["ms_per_chunk"] > 0 and r["tokens_per_s"] > 0 for r in lm)
   assert all(r["ms_per_seq"] > 0 for r in rows)
+  chunks = [r for r in every if r["case"] == "chunks"]
+  assert [r["calls"] for r in chunks] == [4, 4] and all(
+      r["compiles"] >= 1 and r["us_per_step"] > 0 for r in chunks)
+  long_n = [r for r in every if r["case"] == "long-n"]
+  assert {(r["k1"], r["k2"], r["n"]) for r in long_n} == {
+      (k1, k2, n) for k1, k2 in ((1, 64), (8, 32)) for n in (100, 200)}
+  assert all(r["program_kb"] > 0 and r["us_per_step"] > 0 for r in long_n)
   table = (tmp_path / "results.md").read_text()
+  assert "| jbptt.trainer, 4 chunks |" in table and "| k1 | k2 | n | lower s" in table
   assert "ratio to jbptt" in table and "| jbptt.trainer |" in table
   assert "| jbptt.trainer (cell_loss) |" in table and "ratio to cell_loss" in table
   env = json.loads((tmp_path / "environment.json").read_text())

@@ -139,3 +139,26 @@ def test_nonfinite_updates_are_skipped_by_optax(params):
   assert_trees_close(second.params, first.params, atol=0, rtol=0)
   assert_trees_close(second.opt_state.inner_state, first.opt_state.inner_state,
                      atol=0, rtol=0)
+
+
+def test_checks_still_refuse_after_a_good_call(params):
+  """update skips the checks for a layout that passed; every other layout is
+  still checked."""
+  xs = data(8)
+  ours = jbptt.trainer(step_loss, optax.adam(0.1), k1=4, k2=8)
+  state = ours.init(params, carry0(), xs)
+  for _ in range(2):
+    state, _ = ours.update(state, xs)  # this layout passes, then is cached
+  other = jbptt.trainer(step_loss, optax.adam(0.1), k1=2, k2=16)
+  with pytest.raises(ValueError, match="another trainer"):
+    ours.update(other.init(params, carry0(), xs), xs)
+  sgd = jbptt.trainer(step_loss, optax.sgd(0.1), k1=4, k2=8)
+  with pytest.raises(ValueError, match="opt_state"):
+    ours.update(sgd.init(params, carry0(), xs), xs)
+  with pytest.raises(ValueError, match="declared without resets"):
+    ours.update(state, xs, jnp.zeros((8, 2), bool))
+  wide = tree_map(lambda a: jnp.concatenate([a, a], axis=-1), xs)
+  with pytest.raises(ValueError, match="does not match the stream"):
+    ours.update(state, wide)
+  with pytest.raises(TypeError, match="TrainState"):
+    ours.update(tuple(state), xs)
