@@ -569,8 +569,8 @@ def main(argv=None):
   parser.add_argument("--out", default="bench-out")
   parser.add_argument("--cases", nargs="*",
                       help="lstm, online, stream, k2-sweep, lm, memory, remat, "
-                      "devices, chunks, long-n; unroll (the trainer at unroll 1 to 16, run only "
-                      "when named)")
+                      "devices, chunks, long-n; unroll (the trainer at unroll 1 "
+                      "to 16, run only when named)")
   parser.add_argument("--repeats", type=int)
   parser.add_argument("--_memprobe", nargs=3, help=argparse.SUPPRESS)
   parser.add_argument("--_devprobe", nargs=3, help=argparse.SUPPRESS)

@@ -124,17 +124,23 @@ def check_resets(resets, n: int, carry, name: str = "resets"):
   Returns:
     ``resets`` as a boolean array.
   """
+  check_length(resets, n, name)
   resets = jnp.asarray(resets)
-  if resets.ndim == 0 or resets.shape[0] != n:
-    raise ValueError(
-        f"{name} must have shape (n, ...) with n={n} time steps like xs, got "
-        f"shape {resets.shape}."
-    )
   if not (jnp.issubdtype(resets.dtype, jnp.bool_)
           or jnp.issubdtype(resets.dtype, jnp.integer)):
     raise TypeError(f"{name} must be boolean, got dtype {resets.dtype}.")
   check_reset_shape(resets.shape[1:], carry, name)
   return resets.astype(bool)
+
+
+def check_length(a, n: int, name: str = "resets"):
+  """Checks that ``a`` has shape ``(n, ...)``: ``n`` steps like ``xs``."""
+  shape = jnp.shape(a)
+  if not shape or shape[0] != n:
+    raise ValueError(
+        f"{name} must have shape (n, ...) with n={n} time steps like xs, got "
+        f"shape {shape}."
+    )
 
 
 def check_reset_shape(per_step, carry, name: str = "resets"):

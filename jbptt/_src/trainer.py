@@ -556,18 +556,17 @@ def trainer(
       step_loss, split, safe, lay, gradient.remat, unroll, state, xs, resets,
       m))
 
-  checked = set()  # state structures whose optimizer state was checked
-  passed = set()  # (state, xs, resets) layouts that passed every check
+  passed = set()  # argument layouts that passed every check
 
   def check_state(state, xs, resets):
     """Clear errors for a state or chunk this trainer cannot take. A layout
     (structures, the signature, shapes and dtypes) that passed once is not
     checked again: a live feed pays one flatten per call, not the checks."""
     key = _layout_key(state, xs, resets)
-    if key is not None and key in passed:
+    if key in passed:
       return
-    _check_state(state, xs, resets)
-    if key is not None and len(passed) < 64:  # a few layouts per trainer; bounded all the same
+    _check_state(state, xs, resets)  # raises for a key of None
+    if len(passed) < 64:  # a few layouts per trainer; bounded all the same
       passed.add(key)
 
   def _check_state(state, xs, resets):
@@ -580,18 +579,13 @@ def trainer(
           "the state was made by another trainer: "
           + ", ".join(ours.differences(state.signature))
           + ". Make it with this trainer's init.")
-    key = (jax.tree_util.tree_structure(state), tuple(
-        (jnp.shape(a), jnp.result_type(a))
-        for a in jax.tree_util.tree_leaves(state.params)))
-    if key not in checked:  # tracing optax's init costs: once per structure
-      want = jax.tree_util.tree_structure(jax.eval_shape(safe.init,
-                                                         state.params))
-      got = jax.tree_util.tree_structure(state.opt_state)
-      if want != got:
-        raise ValueError(
-            "the state's opt_state does not have this trainer's optimizer "
-            f"state structure: {got} given, {want} expected.")
-      checked.add(key)
+    want = jax.tree_util.tree_structure(jax.eval_shape(safe.init,
+                                                       state.params))
+    got = jax.tree_util.tree_structure(state.opt_state)
+    if want != got:
+      raise ValueError(
+          "the state's opt_state does not have this trainer's optimizer "
+          f"state structure: {got} given, {want} expected.")
     if resets is not None and state.signature.resets is None:
       raise ValueError(
           "resets given to a stream declared without resets; declare them "
@@ -611,12 +605,10 @@ def trainer(
   def update(state: TrainState, xs, resets=None):
     check_state(state, xs, resets)
     m = checks.time_length(xs)
-    if resets is not None and jnp.shape(resets)[:1] != (m,):
-      raise ValueError(
-          f"resets must have shape (n, ...) with n={m} time steps like xs, "
-          f"got shape {jnp.shape(resets)}.")
+    if resets is not None:
+      checks.check_length(resets, m)
     cap = capacity(m, k1)
-    return jitted(state, _padded(xs, cap), _padded(resets, cap), m)
+    return jitted(state, _padded(xs, m, cap), _padded(resets, m, cap), m)
 
   return Trainer(init=init, update=update)
 
@@ -644,29 +636,30 @@ def _shapes(tree, skip):
   return tuple(out)
 
 
+def _pad(a, size, xnp):
+  """``a`` padded with zeros along its first axis to ``size`` (``xnp``:
+  ``np`` or ``jnp``)."""
+  return xnp.concatenate([a, xnp.zeros((size - a.shape[0],) + a.shape[1:],
+                                       a.dtype)])
+
+
 @functools.partial(jax.jit, static_argnums=1)
-def _pad_arrays(tree, size):
-  return tree_map(lambda a: jnp.concatenate(
-      [a, jnp.zeros((size - a.shape[0],) + a.shape[1:], a.dtype)]), tree)
+def _pad_arrays(leaves, size):
+  return [_pad(a, size, jnp) for a in leaves]
 
 
-def _padded(tree, size: int):
-  """``tree``'s leaves padded with zeros along time to ``size`` steps: host
-  arrays on the host (nothing compiled), JAX arrays in one small program
+def _padded(tree, m: int, size: int):
+  """``tree`` (``m`` steps) padded with zeros along time to ``size`` steps:
+  host arrays on the host (nothing compiled), JAX arrays in one small program
   (traced into the caller's program under a transformation)."""
-  if tree is None or checks.time_length(tree) == size:
+  if tree is None or m == size:
     return tree
   leaves, treedef = jax.tree_util.tree_flatten(tree)
-  on_device = [i for i, a in enumerate(leaves) if isinstance(a, jax.Array)]
-  padded = dict(zip(on_device, _pad_arrays([leaves[i] for i in on_device],
-                                           size)))
-  for i, a in enumerate(leaves):
-    if i not in padded:
-      a = np.asarray(a)
-      padded[i] = np.concatenate(
-          [a, np.zeros((size - a.shape[0],) + a.shape[1:], a.dtype)])
-  return jax.tree_util.tree_unflatten(treedef,
-                                      [padded[i] for i in range(len(leaves))])
+  on_device = iter(_pad_arrays(
+      [a for a in leaves if isinstance(a, jax.Array)], size))
+  return jax.tree_util.tree_unflatten(treedef, [
+      next(on_device) if isinstance(a, jax.Array)
+      else _pad(np.asarray(a), size, np) for a in leaves])
 
 
 def _describe(spec) -> str:
