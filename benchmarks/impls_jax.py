@@ -130,6 +130,17 @@ class TrainerFedInChunks(Trainer):
     _block(metrics.loss)
 
 
+class TrainerFedInChunksPacked(TrainerFedInChunks):
+  """As ``TrainerFedInChunks``, the state packed by ``jbptt.pack_state`` (one
+  buffer per dtype, so each call dispatches a few arrays)."""
+
+  name = "jbptt.trainer, k1 steps per call, packed"
+
+  def __init__(self, case):
+    super().__init__(case)
+    self.state = jbptt.pack_state(self.state)
+
+
 class _OneStepPerSequence:
   """One gradient of ``loss_fn(params, carry, (xs, ys)) -> (loss, carry)``
   over the whole sequence, then one Adam step."""

@@ -145,14 +145,16 @@ def lm_tokens(case: Case, seed: int = 0):
 
 def impls_for(case: Case):
   """The implementations a case compares (the stream case: the trainer fed
-  the whole sequence in one call against ``k1`` steps per call; the unroll
+  the whole sequence in one call against ``k1`` steps per call, its state
+  as it is and packed; the unroll
   case: the trainer at each ``unroll`` against the hand-written scan's; the
   lm case: the read-out in each step, ``jbptt.cell_loss`` and PyTorch's
   word_language_model)."""
   if case.vocab:
     return impls_jax.LM_IMPLS + impls_torch.LM_IMPLS
   if case.name == "stream":
-    return [impls_jax.Trainer, impls_jax.TrainerFedInChunks]
+    return [impls_jax.Trainer, impls_jax.TrainerFedInChunks,
+            impls_jax.TrainerFedInChunksPacked]
   if case.name == "unroll":
     return impls_jax.UNROLL_IMPLS
   return impls_jax.IMPLS + impls_torch.IMPLS

@@ -2,6 +2,7 @@
 
 from jbptt._src.diagram import schedule_diagram
 from jbptt._src.gradient import Recompute, StoredStates
+from jbptt._src.packing import PackedState, pack_state
 from jbptt._src.semantics import Update, schedule
 from jbptt._src.steps import CellLoss, WeightedLoss, cell_loss
 from jbptt._src.trainer import Metrics, Trainer, TrainState, capacity, trainer
@@ -13,6 +14,7 @@ __version__ = "1.0.0"
 __all__ = (
     "CellLoss",
     "Metrics",
+    "PackedState",
     "Recompute",
     "StoredStates",
     "TrainState",
@@ -21,6 +23,7 @@ __all__ = (
     "WeightedLoss",
     "capacity",
     "cell_loss",
+    "pack_state",
     "schedule",
     "schedule_diagram",
     "trainer",

@@ -162,3 +162,61 @@ def test_checks_still_refuse_after_a_good_call(params):
     ours.update(state, wide)
   with pytest.raises(TypeError, match="TrainState"):
     ours.update(tuple(state), xs)
+
+
+def test_pack_state_round_trips_every_dtype():
+  """pack_state keeps every leaf bit for bit: mixed dtypes (float32, float64,
+  bfloat16, int32, bool), scalars and empty buffers."""
+  from jbptt._src import packing
+  tree = {"a": jnp.arange(6, dtype=jnp.float32).reshape(2, 3),
+          "b": (jnp.array(True), jnp.zeros((0, 2), jnp.int32)),
+          "c": jnp.array([1.5, -2.0], jnp.bfloat16),
+          "d": jnp.array(7, jnp.int32), "e": jnp.ones((1, 1), jnp.float64)}
+  lay = packing.packing_of(tree)
+  buffers = packing.pack(tree, lay)
+  assert len(buffers) == 5 and all(b.ndim == 1 for b in buffers)
+  back = packing.unpack(buffers, lay)
+  assert structure(back) == structure(tree)
+  for x, y in zip(jax.tree_util.tree_leaves(back),
+                  jax.tree_util.tree_leaves(tree)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("k1,k2,gradient", [
+    (2, 5, jbptt.Recompute()), (3, 3, jbptt.Recompute()),
+    (1, 4, jbptt.StoredStates())])
+def test_a_packed_state_trains_as_the_state(k1, k2, gradient, params):
+  """update on a PackedState returns a PackedState; fed a stream in uneven
+  chunks with resets, it gives exactly the states and metrics of the plain
+  state."""
+  xs = data(11)
+  resets = jnp.zeros((11, 2), bool).at[6, 0].set(True)
+  tr = jbptt.trainer(step_loss, optax.adam(0.01), k1=k1, k2=k2,
+                     gradient=gradient)
+  plain = tr.init(params, carry0(), xs, resets)
+  packed = jbptt.pack_state(plain)
+  assert isinstance(packed, jbptt.PackedState)
+  assert structure(packed.unpack()) == structure(plain)
+  for a, b in ((0, 4), (4, 5), (5, 11)):
+    chunk = tree_map(lambda v: v[a:b], xs)
+    plain, m1 = tr.update(plain, chunk, resets[a:b])
+    packed, m2 = tr.update(packed, chunk, resets[a:b])
+    assert isinstance(packed, jbptt.PackedState)
+    assert_trees_close(m2, m1, atol=0, rtol=0)
+  assert_trees_close(packed.unpack(), plain, atol=0, rtol=0)
+
+
+def test_a_packed_state_is_checked(params):
+  xs = data(4)
+  tr = jbptt.trainer(step_loss, optax.sgd(0.1), k1=2, k2=2)
+  packed = jbptt.pack_state(tr.init(params, carry0(), xs))
+  other = jbptt.trainer(step_loss, optax.sgd(0.1), k1=2, k2=3)
+  with pytest.raises(ValueError, match="k2=2"):
+    other.update(packed, xs)
+  with pytest.raises(ValueError, match="xs does not match"):
+    tr.update(packed, tree_map(lambda a: a[..., :1], xs))
+  short = packed._replace(buffers=tuple(b[1:] for b in packed.buffers))
+  with pytest.raises(ValueError, match="do not match its packing"):
+    tr.update(short, xs)
+  with pytest.raises(TypeError, match="expects a jbptt.TrainState"):
+    jbptt.pack_state(packed)

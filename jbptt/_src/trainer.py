@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jbptt._src import adjoint, checks, segment, semantics, steps
+from jbptt._src import adjoint, checks, packing, segment, semantics, steps
 from jbptt._src import gradient as strategies
 from jbptt._src import truncated_loss as tl
 
@@ -552,9 +552,17 @@ def trainer(
         signature=signature(reset_shape),
     )
 
-  jitted = jax.jit(lambda state, xs, resets, m: _update(
-      step_loss, split, safe, lay, gradient.remat, unroll, state, xs, resets,
-      m))
+  def run(state, xs, resets, m):
+    return _update(step_loss, split, safe, lay, gradient.remat, unroll, state,
+                   xs, resets, m)
+
+  def run_packed(state, xs, resets, m):
+    new_state, metrics = run(
+        packing.unpack(state.buffers, state.packing), xs, resets, m)
+    return state._replace(buffers=packing.pack(new_state,
+                                               state.packing)), metrics
+
+  jitted, jitted_packed = jax.jit(run), jax.jit(run_packed)
 
   passed = set()  # argument layouts that passed every check
 
@@ -565,6 +573,8 @@ def trainer(
     key = _layout_key(state, xs, resets)
     if key in passed:
       return
+    if isinstance(state, packing.PackedState):
+      state = packing.checked_template(state)
     _check_state(state, xs, resets)  # raises for a key of None
     if len(passed) < 64:  # a few layouts per trainer; bounded all the same
       passed.add(key)
@@ -608,7 +618,8 @@ def trainer(
     if resets is not None:
       checks.check_length(resets, m)
     cap = capacity(m, k1)
-    return jitted(state, _padded(xs, m, cap), _padded(resets, m, cap), m)
+    run = jitted_packed if isinstance(state, packing.PackedState) else jitted
+    return run(state, _padded(xs, m, cap), _padded(resets, m, cap), m)
 
   return Trainer(init=init, update=update)
 
@@ -618,12 +629,15 @@ def _layout_key(state, xs, resets):
   structures of the state (with its static signature), ``xs`` and ``resets``,
   the shapes and dtypes of the params and of the declared stream, and the
   per-step shapes and dtypes of ``xs`` and ``resets``."""
-  if not isinstance(state, TrainState):
+  if isinstance(state, packing.PackedState):
+    head = (state.packing, _shapes(state.buffers, 0))
+  elif isinstance(state, TrainState):
+    head = (jax.tree_util.tree_structure(state), _shapes(state.params, 0),
+            _shapes(state.history.xs, 1))
+  else:
     return None
-  return (jax.tree_util.tree_structure(state),
-          _shapes(state.params, 0), _shapes(state.history.xs, 1),
-          jax.tree_util.tree_structure(xs), _shapes(xs, 1),
-          _shapes(resets, 1))
+  return head + (jax.tree_util.tree_structure(xs), _shapes(xs, 1),
+                 _shapes(resets, 1))
 
 
 def _shapes(tree, skip):
