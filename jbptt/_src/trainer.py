@@ -488,13 +488,17 @@ def trainer(
       ``resets`` is a boolean ``(len(xs),) + S`` mask: where it is true the
       carry is replaced by the initial carry before the step and no gradient
       crosses the boundary. The returned state has exactly the structure of
-      the given one, so ``update`` can be scanned.
+      the given one, so ``update`` can be scanned. ``state`` may also be a
+      :class:`jbptt.PackedState` (:func:`jbptt.pack_state`), returned packed:
+      a live feed of a few steps per call then dispatches one buffer per
+      dtype instead of every leaf of the state.
 
   Raises:
     ValueError: for a bad ``k1``, ``k2``, ``losses``, ``remat`` or
       ``unroll`` (at once); in ``update``, for a state made by another
-      trainer or for another stream (naming what differs), or resets given
-      to a stream declared without them.
+      trainer or for another stream (naming what differs), a packed state
+      whose buffers do not match its packing, or resets given to a stream
+      declared without them.
     TypeError: for an ``optimizer`` or ``gradient`` of the wrong type (at
       once), or a ``step_loss`` that changes the carry or returns a
       non-scalar loss.
