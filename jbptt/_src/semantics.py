@@ -18,19 +18,18 @@ pair ``(total_t, weight_t)``: a :class:`jbptt.WeightedLoss`, or a scalar
   (``stop_gradient``). ``t_prev`` is the end of the previous update (0 for the
   first one).
 
-  ============  ==================================  =============================
-  ``losses``    injected steps ``tau``              truncation point ``s``
-  ============  ==================================  =============================
-  ``"new"``     ``t_prev < tau <= t``               ``max(0, min(t - k2, tau - 1))``
-  ``"window"``  ``max(0, t - k2) < tau <= t``       ``max(0, t - k2)``
-  ``"last"``    ``tau = t``                         ``max(0, t - k2)``
-  ============  ==================================  =============================
+| ``losses``   | injected steps ``tau``           | truncation point ``s``           |
+|--------------|----------------------------------|----------------------------------|
+| ``"new"``    | ``t_prev < tau <= t``            | ``max(0, min(t - k2, tau - 1))`` |
+| ``"window"`` | ``max(0, t - k2) < tau <= t``    | ``max(0, t - k2)``               |
+| ``"last"``   | ``tau = t``                      | ``max(0, t - k2)``               |
 
-  So for ``k1 <= k2`` every update backpropagates through its last ``k2``
-  steps, and the final, shorter update of a sequence whose length is not a
-  multiple of ``k1`` also reaches back ``k2`` steps (past ``t_prev``). For
-  ``k1 > k2`` a loss older than ``t - k2`` gets only its own step:
-  TBPTT(k1, 1) gives every loss exactly one step.
+So for ``k1 <= k2`` every update backpropagates through its last ``k2``
+steps, and the final, shorter update of a sequence whose length is not a
+multiple of ``k1`` also reaches back ``k2`` steps (past ``t_prev``). For
+``k1 > k2`` a loss older than ``t - k2`` gets only its own step:
+TBPTT(k1, 1) gives every loss exactly one step.
+
 * The objective of an update is ``sum(total_tau) / sum(weight_tau)`` over its
   injected steps, and its gradient the sum of the truncated gradients of the
   injected ``total_tau`` divided by ``sum(weight_tau)``. With plain scalar
@@ -46,27 +45,29 @@ is chunking the sequence with ``stop_gradient`` at the chunk boundaries.
 Reference loop
 --------------
 
-The plain-Python meaning of :func:`jbptt.truncated_loss` (fixed params)::
+The plain-Python meaning of :func:`jbptt.truncated_loss` (fixed params):
 
-    def reference(step_loss, params, h0, xs, k1, k2, losses):
-      n = len(xs)
-      hs = [h0]                                   # forward values h_0..h_n
-      for x in xs:
-        hs.append(step_loss(params, hs[-1], x)[0])
-      total, grad, weight = 0.0, 0.0, 0.0
-      for t, injected in schedule(n, k1, k2, losses):
-        for tau, s in injected:                   # total_tau back to h_s
-          def total_tau(p):
-            h = jax.lax.stop_gradient(hs[s])
-            for x in xs[s:tau]:
-              h, loss = step_loss(p, h, x)
-            loss = loss if isinstance(loss, WeightedLoss) else (loss, 1.0)
-            return loss[0], loss[1]
-          (value, w), g = jax.value_and_grad(total_tau, has_aux=True)(params)
-          total, grad, weight = total + value, grad + g, weight + w
-      if weight == 0:
-        return 0.0, 0.0
-      return total / weight, grad / weight
+```python
+def reference(step_loss, params, h0, xs, k1, k2, losses):
+  n = len(xs)
+  hs = [h0]                                   # forward values h_0..h_n
+  for x in xs:
+    hs.append(step_loss(params, hs[-1], x)[0])
+  total, grad, weight = 0.0, 0.0, 0.0
+  for t, injected in schedule(n, k1, k2, losses):
+    for tau, s in injected:                   # total_tau back to h_s
+      def total_tau(p):
+        h = jax.lax.stop_gradient(hs[s])
+        for x in xs[s:tau]:
+          h, loss = step_loss(p, h, x)
+        loss = loss if isinstance(loss, WeightedLoss) else (loss, 1.0)
+        return loss[0], loss[1]
+      (value, w), g = jax.value_and_grad(total_tau, has_aux=True)(params)
+      total, grad, weight = total + value, grad + g, weight + w
+  if weight == 0:
+    return 0.0, 0.0
+  return total / weight, grad / weight
+```
 
 In the online :func:`jbptt.trainer` the stream's carry advances with the
 params current at each step; at each update the window is re-run from the
