@@ -632,7 +632,8 @@ def _layout_key(state, xs, resets):
   """What ``update``'s checks read from its arguments, hashable: the
   structures of the state (with its static signature), ``xs`` and ``resets``,
   the shapes and dtypes of the params and of the declared stream, and the
-  per-step shapes and dtypes of ``xs`` and ``resets``."""
+  per-step shapes and dtypes of ``xs`` and ``resets``. For a packed state,
+  its packing (which holds the structure) and its buffers' shapes."""
   if isinstance(state, packing.PackedState):
     head = (state.packing, _shapes(state.buffers, 0))
   elif isinstance(state, TrainState):
