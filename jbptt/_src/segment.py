@@ -40,6 +40,17 @@ def select_leading(mask, on_true, on_false):
   return tree_map(pick, on_true, on_false)
 
 
+def hold(cut, carry):
+  """``carry``, held constant (``stop_gradient``) where ``cut``.
+
+  The cut between two truncated blocks as a mask, for a loop that counts its
+  steps itself (the truncating Flax layers, whose scan is Flax's): ``cut``
+  leads every leaf as in :func:`select_leading`, ``()`` for the whole carry
+  or e.g. ``(batch,)`` for sequences cut at steps of their own.
+  """
+  return select_leading(cut, lax.stop_gradient(carry), carry)
+
+
 def masked_step(step_loss, params, carry, x, reset, valid, initial_carry):
   """One step: reset the carry where asked, step, keep it where not valid.
 
