@@ -254,7 +254,7 @@ def test_bad_text_data(tmp_path, content, message):
     ("1.0\n2.0\nabc\n", ".csv", "line 3: 'abc' is not a number"),
     ("1,2\n3\n", ".csv", "line 2: 1 columns, expected 2"),
     ("", ".csv", "must hold a series"),
-    ("1.0\nnan\n", ".csv", "NaN or inf"),
+    ("1.0\nnan\n", ".csv", "1 missing cell (empty, NA or NaN)"),
 ])
 def test_bad_series_data(tmp_path, content, suffix, message):
   data = tmp_path / f"d{suffix}"

@@ -11,9 +11,23 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ("CELLS", "COMPARE", "OUT", "SPEED_ONLY", "TRAIN", "RunConfig")
+__all__ = (
+    "CELLS",
+    "COMPARE",
+    "DATA_OPTIONS",
+    "MISSING",
+    "OUT",
+    "SPEED_ONLY",
+    "TRAIN",
+    "RunConfig",
+)
 
 CELLS = ("lstm", "gru", "mgu", "simple")
+MISSING = ("error", "drop", "ffill", "interpolate")  # the choices of --missing
+# The settings of a --data file. Runs saved before they existed lack them: a
+# --task run resumes with their defaults (it does not read them), a --data
+# run is refused (its data had no held-out part).
+DATA_OPTIONS = ("heldout", "inputs", "targets", "missing")
 SPEED_ONLY = ("unroll",)  # settings that change the speed, never the result
 OUT = "jbptt-out"  # the default output folder
 
@@ -25,6 +39,17 @@ class RunConfig:
   Attributes:
     task: a built-in task's name (``None``: ``data``, else ``"recall"``).
     data: a user data file, a UTF-8 text or a ``.csv`` / ``.npy`` series.
+    heldout: the fraction of a ``data`` file held out, at its end: no
+      training stream reaches it; the held-out score and the baseline are
+      measured on it.
+    inputs: a ``.csv`` / ``.npy`` file's input columns, names or 0-based
+      indices separated by commas (``None``: every column).
+    targets: its target columns, read from the next row, likewise
+      (``None``: the inputs).
+    missing: what to do with missing cells (empty, ``NA``, ``NaN``) of the
+      chosen columns: ``"error"`` (refuse the file), ``"drop"`` (their
+      rows), ``"ffill"`` (the last value above) or ``"interpolate"``
+      (linear in the training part, forward fill in the held-out part).
     k1: steps between updates of ``jbptt train`` (``compare`` uses its
       canonical configurations instead).
     k2: steps each update backpropagates through (``jbptt train``).
@@ -43,6 +68,10 @@ class RunConfig:
 
   task: str | None = None
   data: str | None = None
+  heldout: float = 0.1
+  inputs: str | None = None
+  targets: str | None = None
+  missing: str = "error"
   k1: int | None = None
   k2: int | None = None
   losses: str = "new"

@@ -2,10 +2,12 @@
 
 A small Flax recurrent model is trained online with :func:`jbptt.trainer` on
 ``batch`` parallel streams of a :class:`jbptt._cli.tasks.Task`, then
-evaluated on held-out streams. The model is a recurrent Flax cell, the only
-thing the trainer scans, and a linear read-out head applied in the loss
-(:func:`jbptt.cell_loss`); both live in one params pytree. Nothing here
-truncates anything itself: TBPTT is the trainer's.
+evaluated on held-out data: fresh streams of a built-in task, the held-out
+part of a user data file (its ``split``), beside the split's baseline. The
+model is a recurrent Flax cell, the only thing the trainer scans, and a
+linear read-out head applied in the loss (:func:`jbptt.cell_loss`); both
+live in one params pytree. Nothing here truncates anything itself: TBPTT is
+the trainer's.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -30,15 +32,19 @@ __all__ = (
     "CELLS",
     "Config",
     "Result",
+    "Score",
     "StreamModel",
     "build",
     "canonical_configs",
     "evaluate",
+    "evaluate_split",
     "run",
     "template",
 )
 
 # The keys are jbptt._cli.config.CELLS, the choices of --cell.
+HELDOUT_STEPS = 2000  # the steps of a built-in task's held-out streams
+
 CELLS = {
     "lstm": nn.OptimizedLSTMCell,
     "gru": nn.GRUCell,
@@ -116,7 +122,15 @@ class Config:
 
 @dataclasses.dataclass
 class Result:
-  """What a run measured."""
+  """What a run measured.
+
+  ``final_loss`` (and ``final_accuracy``) is the held-out loss in the
+  training loss's units (cross-entropy in nats, or the mean squared error of
+  the standardised series); ``heldout_loss`` is the same score in
+  ``loss_unit``: bits per character for text, RMSE in the data's own units
+  for a series, else ``final_loss``. ``baseline_loss`` is the baseline's
+  score in that unit on the same targets (user data files only).
+  """
 
   config: str
   k1: int
@@ -129,6 +143,13 @@ class Result:
   curve_step: list[int]
   curve_loss: list[float]
   state: Any = dataclasses.field(repr=False, default=None)
+  heldout: str = ""
+  heldout_loss: float | None = None
+  loss_unit: str = ""
+  baseline: str | None = None
+  baseline_loss: float | None = None
+  rmse_by_column: dict | None = None
+  baseline_by_column: dict | None = None
 
   def summary(self) -> dict:
     """The JSON row of ``results.json``."""
@@ -137,6 +158,11 @@ class Result:
         "updates": self.updates, "wall_s": round(self.wall_s, 3),
         "steps_per_s": round(self.steps_per_s, 1),
         "final_loss": self.final_loss, "final_accuracy": self.final_accuracy,
+        "heldout": self.heldout, "heldout_loss": self.heldout_loss,
+        "loss_unit": self.loss_unit, "baseline": self.baseline,
+        "baseline_loss": self.baseline_loss,
+        "rmse_by_column": self.rmse_by_column,
+        "baseline_by_column": self.baseline_by_column,
     }
 
 
@@ -178,11 +204,19 @@ def build(task: Task, settings: RunConfig = TRAIN):
   return model, model.init(jax.random.key(settings.seed), carry, x), carry
 
 
-def _resets(start: int, length: int, seq_len: int | None, batch: int):
-  if seq_len is None:
+def _resets(start: int, length: int, seq_len: int | None, batch: int,
+            restarts: np.ndarray | None = None):
+  """The chunk's resets: sequence starts (``seq_len``), and the task's own
+  ``restarts`` of its streams (the whole stream's mask), or ``None``."""
+  if seq_len is None and restarts is None:
     return None
   t = start + np.arange(length)
-  return np.broadcast_to(((t % seq_len == 0) & (t > 0))[:, None], (length, batch))
+  cuts = (np.zeros(length, bool) if seq_len is None
+          else (t % seq_len == 0) & (t > 0))
+  mask = np.broadcast_to(cuts[:, None], (length, batch))
+  if restarts is not None:
+    mask = mask | restarts[start:start + length]
+  return mask
 
 
 def _chunk_len(steps: int, config: Config, pieces: int = 25) -> int:
@@ -190,25 +224,28 @@ def _chunk_len(steps: int, config: Config, pieces: int = 25) -> int:
   return unit * max(1, round(steps / pieces / unit))
 
 
-def _stream_spec(inputs, targets, config: Config):
+def _stream_spec(task: Task, inputs, targets, config: Config):
   """``(xs, resets)`` for ``Trainer.init``: one step's shapes and dtypes.
 
-  ``resets`` is given when the configuration cuts the stream into sequences,
-  so that the state is made for a stream with resets.
+  ``resets`` is given when the configuration cuts the stream into sequences
+  or the task's streams start again (a user data file), so that the state is
+  made for a stream with resets.
   """
   spec = lambda a: jax.ShapeDtypeStruct((1,) + a.shape[1:], a.dtype)
   xs = (spec(inputs), spec(targets))
   batch = inputs.shape[1]
-  resets = (None if config.seq_len is None
+  resets = (None if config.seq_len is None and task.resets is None
             else jax.ShapeDtypeStruct((1, batch), jnp.bool_))
   return xs, resets
 
 
 def evaluate(task: Task, model: StreamModel, params, config: Config, *,
-             batch: int, seed: int, steps: int = 2000):
+             batch: int, seed: int, steps: int = HELDOUT_STEPS):
   """Held-out loss and accuracy, in the run's own regime (cut or stream).
 
-  Targets within ``task.context`` steps of a (re)start are not scored.
+  On ``steps`` fresh steps of ``batch`` streams of a built-in task (a user
+  data file's held-out part is :func:`evaluate_split`'s). Targets within
+  ``task.context`` steps of a (re)start are not scored.
   """
   inputs, targets = task.sample(seed, steps, batch)
   if config.seq_len is not None:  # independent sequences become the batch
@@ -230,6 +267,71 @@ def evaluate(task: Task, model: StreamModel, params, config: Config, *,
   return loss, accuracy
 
 
+class Score(NamedTuple):
+  """The held-out score of a user data file's split (see :class:`Result`)."""
+
+  loss: float
+  accuracy: float | None
+  heldout_loss: float
+  by_column: dict | None
+
+
+def evaluate_split(task: Task, model: StreamModel, params) -> Score:
+  """The held-out score on ``task.split``, one stream in time order.
+
+  The model reads the split's inputs from a fresh carry (the steps before
+  the held-out part first, unscored) and only its ``scored`` targets count:
+  the score in the training loss's units, and in the split's unit (bits per
+  character, or RMSE in the data's units, overall and per target column).
+  """
+  split = task.split
+  classify = task.kind == "classification"
+
+  def step(carry, xy):
+    x, y = xy
+    carry, h = model.cell(params, carry, x)
+    out = model.head(params, h)
+    if classify:
+      return carry, (optax.softmax_cross_entropy_with_integer_labels(out, y),
+                     jnp.argmax(out, -1) == y)
+    return carry, ((out - y) ** 2, None)
+
+  _, (err, hit) = jax.lax.scan(step, model.initialize_carry(1),
+                               (jnp.asarray(split.inputs),
+                                jnp.asarray(split.targets)))
+  err, scored = np.asarray(err, np.float64), split.scored
+  loss = float(err[scored].mean())
+  if classify:
+    return Score(loss, float(np.asarray(hit)[scored].mean()),
+                 loss / math.log(2), None)
+  sq = err * split.scale ** 2  # in the data's units
+  by_column = {name: float(np.sqrt(sq[..., i][scored[..., i]].mean()))
+               for i, name in enumerate(split.names)}
+  return Score(loss, None, float(np.sqrt(sq[scored].mean())), by_column)
+
+
+def _heldout(task: Task, model: StreamModel, params, config: Config,
+             settings: RunConfig) -> dict:
+  """The :class:`Result` fields of the held-out score and the baseline."""
+  if task.split is None:
+    loss, accuracy = evaluate(task, model, params, config,
+                              batch=settings.batch, seed=settings.seed + 2)
+    return dict(
+        final_loss=loss, final_accuracy=accuracy, heldout_loss=loss,
+        heldout=(f"fresh streams: {HELDOUT_STEPS} steps x {settings.batch} "
+                 f"(seed {settings.seed + 2})"),
+        loss_unit=("cross-entropy (nats)" if task.kind == "classification"
+                   else "mean squared error"))
+  split = task.split
+  score = evaluate_split(task, model, params)
+  return dict(
+      final_loss=score.loss, final_accuracy=score.accuracy,
+      heldout=split.description, heldout_loss=score.heldout_loss,
+      loss_unit=split.unit, baseline=split.baseline,
+      baseline_loss=split.baseline_loss, rmse_by_column=score.by_column,
+      baseline_by_column=split.baseline_by_column)
+
+
 def _trainer(task: Task, model: StreamModel, config: Config,
              settings: RunConfig):
   task_loss = _task_loss(task)
@@ -245,7 +347,7 @@ def template(task: Task, config: Config, settings: RunConfig = TRAIN):
   """A ``TrainState`` of the run's structure: the template of a restore."""
   model, params, carry = build(task, settings)
   inputs, targets = task.sample(settings.seed + 1, 1, settings.batch)
-  xs, resets = _stream_spec(inputs, targets, config)
+  xs, resets = _stream_spec(task, inputs, targets, config)
   return _trainer(task, model, config, settings).init(params, carry, xs, resets)
 
 
@@ -270,13 +372,19 @@ def run(
   JSON-able dict of the updates, training seconds and learning curve so
   far); ``resume=(state, progress)`` continues a run from such a point, and
   gives the params an uninterrupted run would have.
+
+  The result's held-out score is :func:`evaluate`'s on fresh streams of a
+  built-in task, :func:`evaluate_split`'s on a user data file's held-out
+  part, there in the carried-stream regime whatever ``config.seq_len``.
   """
   steps, batch = settings.steps, settings.batch
   model, params, carry = build(task, settings)
   tr = _trainer(task, model, config, settings)
   inputs, targets = task.sample(settings.seed + 1, steps, batch)
+  restarts = (None if task.resets is None
+              else task.resets(settings.seed + 1, steps, batch))
   if resume is None:
-    state = tr.init(params, carry, *_stream_spec(inputs, targets, config))
+    state = tr.init(params, carry, *_stream_spec(task, inputs, targets, config))
     progress = {"updates": 0, "wall_s": 0.0, "curve_step": [], "curve_loss": []}
   else:
     state, progress = resume
@@ -293,7 +401,8 @@ def run(
     start = time.perf_counter()
     b = min(steps, a + chunk)
     xs = (jnp.asarray(inputs[a:b]), jnp.asarray(targets[a:b]))
-    state, metrics = tr.update(state, xs, _resets(a, b - a, config.seq_len, batch))
+    state, metrics = tr.update(
+        state, xs, _resets(a, b - a, config.seq_len, batch, restarts))
     valid = np.asarray(metrics.valid)
     losses = np.asarray(metrics.loss)[valid]
     first_end = (a // config.k1 + 1) * config.k1
@@ -306,8 +415,7 @@ def run(
     if on_progress is not None:
       on_progress(b - a)
   wall = max(progress["wall_s"], 1e-9)
-  loss, accuracy = evaluate(task, model, state.params, config, batch=batch,
-                            seed=settings.seed + 2)
   return Result(config.label, config.k1, config.k2, progress["updates"], wall,
-                steps / wall, loss, accuracy, progress["curve_step"],
-                progress["curve_loss"], state)
+                steps / wall, curve_step=progress["curve_step"],
+                curve_loss=progress["curve_loss"], state=state,
+                **_heldout(task, model, state.params, config, settings))

@@ -1,10 +1,12 @@
 """The ``jbptt`` command: ``compare``, ``train`` and ``schedule``.
 
 The options take their defaults from :mod:`jbptt._cli.config`. Bad input (k1
-or k2 <= 0, an unknown task, an unusable data file, an --out that cannot be
-written, a checkpoint that cannot be resumed) exits with status 2 and one
-line on stderr; outputs are written to a temporary folder and moved in place
-only when complete, checkpoints atomically (orbax).
+or k2 <= 0, an unknown task, an unusable data file, a column that does not
+exist, a held-out fraction outside (0, 1) or a split that leaves fewer
+training steps than k2, an --out that cannot be written, a checkpoint that
+cannot be resumed) exits with status 2 and one line on stderr; outputs are
+written to a temporary folder and moved in place only when complete,
+checkpoints atomically (orbax).
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ import shutil
 import sys
 import tempfile
 
-from jbptt._cli.config import CELLS, COMPARE, OUT, TRAIN, RunConfig
+from jbptt._cli.config import (
+  CELLS,
+  COMPARE,
+  DATA_OPTIONS,
+  MISSING,
+  OUT,
+  TRAIN,
+  RunConfig,
+)
 from jbptt._src.diagram import schedule_diagram
 from jbptt._src.semantics import LOSSES
 
@@ -44,14 +54,22 @@ def _positive(name):
   return parse
 
 
-def _positive_float(text):
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-  if not value > 0:
-    raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-  return value
+def _number(ok, allowed: str):
+  """An argparse type: a float for which ``ok(value)``, else ``allowed``."""
+  def parse(text):
+    try:
+      value = float(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f"must be a number, got {text!r}") from None
+    if not ok(value):
+      raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+    return value
+  return parse
+
+
+_positive_float = _number(lambda v: v > 0, "> 0")
+_fraction = _number(lambda v: 0 < v < 1, "a fraction in (0, 1)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -113,7 +131,13 @@ def _plot(results, task, path: pathlib.Path):
     ax.plot(steps[window - 1:], smooth, label=f"{r.config} (k1={r.k1}, k2={r.k2})")
   ax.set_xlabel("stream step")
   ax.set_ylabel("training loss (moving average)")
-  ax.set_title(task.description)
+  split = task.split
+  ax.set_title(task.description if split is None
+               else f"{task.description}\nheld out: {split.description}",
+               fontsize=10)
+  if split is not None:
+    ax.axhline(split.baseline_train_loss, color="grey", ls="--", lw=1,
+               label=f"{split.baseline}, on the held-out part")
   if task.kind == "classification" and task.chance:
     import math
 
@@ -125,19 +149,30 @@ def _plot(results, task, path: pathlib.Path):
   plt.close(fig)
 
 
-def _table(results, title):
+def _table(results, title, split=None):
+  """The results' table; for a user data file (its ``split``) with the
+  held-out score in the data's units beside the baseline's."""
   from rich.table import Table
 
-  table = Table(title=title, caption="wall s includes compilation; final loss "
-                "and accuracy on held-out streams")
-  for col in ("config", "k1", "k2", "updates", "wall s", "steps/s",
-              "final loss", "final accuracy"):
+  caption = ("wall s includes compilation; final loss and accuracy on "
+             "held-out streams")
+  columns = ["config", "k1", "k2", "updates", "wall s", "steps/s",
+             "final loss", "final accuracy"]
+  if split is not None:
+    caption = (f"wall s includes compilation; held out: {split.description}; "
+               "final loss: the training loss's, on the held-out part; "
+               f"baseline: {split.baseline}")
+    columns += [f"held-out {split.unit}", f"baseline {split.unit}"]
+  table = Table(title=title, caption=caption)
+  for col in columns:
     table.add_column(col, justify="left" if col == "config" else "right")
   for r in results:
     acc = "-" if r.final_accuracy is None else f"{r.final_accuracy:.3f}"
-    table.add_row(r.config, str(r.k1), str(r.k2), str(r.updates),
-                  f"{r.wall_s:.1f}", f"{r.steps_per_s:.0f}",
-                  f"{r.final_loss:.4f}", acc)
+    row = [r.config, str(r.k1), str(r.k2), str(r.updates), f"{r.wall_s:.1f}",
+           f"{r.steps_per_s:.0f}", f"{r.final_loss:.4f}", acc]
+    if split is not None:
+      row += [f"{r.heldout_loss:.4g}", f"{r.baseline_loss:.4g}"]
+    table.add_row(*row)
   return table
 
 
@@ -173,8 +208,11 @@ def _write(results, task, out, extra=None):
   """Writes results.json, curves.png (and ``extra(staging)``) atomically."""
   with tempfile.TemporaryDirectory(dir=out, prefix=".jbptt-") as tmp:
     staging = pathlib.Path(tmp)
+    about = {} if task.split is None else {
+        "data": task.description, "notes": list(task.split.notes)}
     (staging / "results.json").write_text(
-        json.dumps([r.summary() for r in results], indent=2) + "\n")
+        json.dumps([{**r.summary(), **about} for r in results], indent=2)
+        + "\n")
     _plot(results, task, staging / "curves.png")
     if extra is not None:
       extra(staging)
@@ -185,7 +223,9 @@ def _task(settings: RunConfig):
   from jbptt._cli import tasks
 
   try:
-    return tasks.get(settings.task, settings.data)
+    return tasks.get(settings.task, settings.data, heldout=settings.heldout,
+                     inputs=settings.inputs, targets=settings.targets,
+                     missing=settings.missing)
   except ValueError as e:  # DataError included
     raise UsageError(str(e)) from e
 
@@ -239,6 +279,10 @@ def _settings(args, saved=None) -> RunConfig:
   if saved is None:
     if given.get("task") is None and given.get("data") is None:
       raise UsageError("one of --task or --data is required (or --resume DIR)")
+    options = [f"--{k}" for k in DATA_OPTIONS if k in given]
+    if options and given.get("data") is None:
+      raise UsageError(f"{', '.join(options)}: only with --data FILE (a "
+                       f"--task generates its held-out streams afresh)")
     for k in ("k1", "k2"):
       if k not in given:
         raise UsageError(f"--{k} is required (or --resume DIR)")
@@ -264,10 +308,16 @@ def _resume_point(root: pathlib.Path):
     info = checkpoint.read_info(ckpts, step=step)
   except checkpoint.CheckpointError as e:
     raise UsageError(f"--resume {str(root)!r}: {e}") from e
-  if not isinstance(info, dict) or set(info) != {"run", "progress"} or set(
-      info["run"]) != set(RunConfig.saved_names()):
+  names = set(RunConfig.saved_names())
+  if not isinstance(info, dict) or set(info) != {"run", "progress"} or not (
+      names - set(DATA_OPTIONS) <= set(info["run"]) <= names):
     raise UsageError(f"--resume {str(root)!r}: the checkpoint at step {step} "
                      "was not written by `jbptt train`")
+  older = [k for k in DATA_OPTIONS if k not in info["run"]]
+  if older and info["run"]["data"] is not None:
+    raise UsageError(f"--resume {str(root)!r}: written by an earlier jbptt, "
+                     "whose --data runs held nothing out; start a new run")
+  info["run"] = {**{k: getattr(TRAIN, k) for k in older}, **info["run"]}
   return step, info
 
 
@@ -288,6 +338,12 @@ def cmd_train(args) -> int:
   if args.out is None:
     args.out = OUT
   task = _task(settings)
+  split = task.split
+  if split is not None and split.train_steps < settings.k2:
+    raise UsageError(
+        f"--heldout {settings.heldout} leaves {split.train_steps} training "
+        f"steps of {pathlib.Path(settings.data).name}, fewer than --k2 "
+        f"{settings.k2}; hold out less or choose a smaller --k2")
   out = _prepare_out(args.out)
   ckpts = out / CHECKPOINTS
   config = experiment.Config(f"TBPTT({settings.k1}, {settings.k2})",
@@ -313,10 +369,16 @@ def cmd_train(args) -> int:
   console = _console()
   if saved is not None:
     console.print(f"resuming {out} at step {step} of {settings.steps}")
+  if split is not None:
+    for note in split.notes:
+      console.print(f"note: {note}", highlight=False)
+    console.print(f"held out: {split.description}; baseline: "
+                  f"{split.baseline}", highlight=False)
   with _progress(console) as progress:
     result = _run(progress, task, config, settings, resume=resume,
                   on_chunk=save)
-  console.print(_table([result], f"{task.description}, {settings.steps} steps"))
+  console.print(_table([result], f"{task.description}, {settings.steps} steps",
+                       split))
   _write([result], task, out)
   console.print(f"wrote {out / 'results.json'}, {out / 'curves.png'} and "
                 f"{ckpts / str(int(result.state.step))}")
@@ -374,6 +436,21 @@ def parser() -> argparse.ArgumentParser:
   q.add_argument("--k2", type=_positive("--k2"),
                  help="steps each update backpropagates through")
   q.add_argument("--losses", choices=LOSSES, help=losses_help)
+  q.add_argument("--heldout", type=_fraction, metavar="FRACTION",
+                 help="the fraction of a --data file held out at its end, "
+                 "never trained on; the held-out score and a baseline are "
+                 f"measured on it (default: {TRAIN.heldout})")
+  q.add_argument("--inputs", metavar="COLUMNS",
+                 help="a .csv / .npy series' input columns: names or 0-based "
+                 "indices, separated by commas (default: every column)")
+  q.add_argument("--targets", metavar="COLUMNS",
+                 help="its target columns, predicted one row ahead, likewise "
+                 "(default: the inputs)")
+  q.add_argument("--missing", choices=MISSING,
+                 help="missing cells (empty, NA, NaN) of the chosen columns: "
+                 "refuse the file, drop their rows, fill them forward, or "
+                 "interpolate them (linearly in the training part, forward in "
+                 f"the held-out part) (default: {TRAIN.missing})")
   q.add_argument("--resume", metavar="DIR",
                  help="continue the run whose --out was DIR from its newest "
                  "checkpoint, with its settings, to its --steps")

@@ -16,6 +16,10 @@ always gives the same streams.
 * ``text``: a UTF-8 text file, next-character classification.
 * ``series``: a numeric ``.csv`` or ``.npy`` file of shape ``(T,)`` or
   ``(T, D)``, next-value regression (standardised).
+
+The last two, the user's data files, are read by :mod:`jbptt._cli.data`:
+their training streams read only the first part of the file, and the task's
+``split`` holds the last part, held out, with a baseline measured on it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ from typing import Callable
 
 import numpy as np
 
+from jbptt._cli import data as _data
+from jbptt._cli.config import TRAIN
+from jbptt._cli.data import DataError
+
 __all__ = (
     "BUILTIN",
     "DataError",
@@ -34,13 +42,7 @@ __all__ = (
     "delayed_recall",
     "get",
     "mackey_glass",
-    "series_file",
-    "text_file",
 )
-
-
-class DataError(ValueError):
-  """A user data file that cannot be used; the message says why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,12 @@ class Task:
     chance: the accuracy of guessing (classification), else ``None``.
     sample: ``sample(seed, steps, batch) -> (inputs, targets)``.
     description: one line for tables and plots.
+    resets: ``resets(seed, steps, batch)``, the ``(steps, batch)`` mask of
+      the steps where ``sample``'s streams (same arguments) start again
+      with a fresh carry; ``None``: streams never do (built-in tasks).
+    split: a user data file's held-out part and baseline
+      (:class:`jbptt._cli.data.Split`); ``None``: held-out streams are
+      fresh ``sample`` streams (built-in tasks).
   """
 
   name: str
@@ -68,6 +76,8 @@ class Task:
   chance: float | None
   sample: Callable[[int, int, int], tuple[np.ndarray, np.ndarray]]
   description: str
+  resets: Callable[[int, int, int], np.ndarray] | None = None
+  split: _data.Split | None = None
 
 
 def delayed_recall(lag: int = 6, vocab: int = 8) -> Task:
@@ -129,111 +139,6 @@ def mackey_glass() -> Task:
               "Mackey-Glass series, next value (tau 17)")
 
 
-def _offset_streams(array, seed, steps, batch):
-  """``batch`` windows of ``steps + 1`` items of ``array``, at random offsets
-  (wrapping around); returns ``(inputs, next items)``."""
-  rng = np.random.default_rng(seed)
-  start = rng.integers(0, len(array), size=batch)
-  pos = (start[None, :] + np.arange(steps + 1)[:, None]) % len(array)
-  s = array[pos]
-  return s[:-1], s[1:]
-
-
-def text_file(path) -> Task:
-  """Next-character prediction on a UTF-8 text file (streams at offsets)."""
-  path = pathlib.Path(path)
-  try:
-    raw = path.read_bytes()
-  except OSError as e:
-    raise DataError(f"cannot read data file {str(path)!r}: {e.strerror}") from e
-  try:
-    text = raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise DataError(
-        f"data file {str(path)!r} is not UTF-8 text (byte {e.start})") from e
-  if len(text) < 2:
-    raise DataError(f"data file {str(path)!r} has fewer than 2 characters")
-  alphabet = sorted(set(text))
-  index = {c: i for i, c in enumerate(alphabet)}
-  codes = np.array([index[c] for c in text], np.int32)
-
-  def sample(seed, steps, batch):
-    return _offset_streams(codes, seed, steps, batch)
-
-  vocab = len(alphabet)
-  return Task("text", "classification", vocab, vocab, True, 0, None, sample,
-              f"characters of {path.name} ({vocab} symbols)")
-
-
-def _load_series(path: pathlib.Path) -> np.ndarray:
-  if path.suffix.lower() == ".npy":
-    try:
-      data = np.load(path, allow_pickle=False)
-    except OSError as e:
-      raise DataError(f"cannot read data file {str(path)!r}: {e}") from e
-    except ValueError as e:
-      raise DataError(f"data file {str(path)!r} is not a numeric .npy: {e}") from e
-    if not np.issubdtype(data.dtype, np.number):
-      raise DataError(f"data file {str(path)!r} holds {data.dtype}, not numbers")
-    return np.asarray(data, np.float64)
-  try:
-    lines = path.read_text(encoding="utf-8").splitlines()
-  except OSError as e:
-    raise DataError(f"cannot read data file {str(path)!r}: {e.strerror}") from e
-  except UnicodeDecodeError as e:
-    raise DataError(f"data file {str(path)!r} is not UTF-8 text") from e
-  rows = []
-  for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    cells = [c.strip() for c in line.split(",")]
-    try:
-      rows.append([float(c) for c in cells])
-    except ValueError:
-      if not rows and number == 1:  # a header line
-        continue
-      bad = next(c for c in cells if not _is_float(c))
-      raise DataError(
-          f"data file {str(path)!r} line {number}: {bad!r} is not a number"
-      ) from None
-    if len(rows[-1]) != len(rows[0]):
-      raise DataError(
-          f"data file {str(path)!r} line {number}: {len(rows[-1])} columns, "
-          f"expected {len(rows[0])}")
-  return np.asarray(rows, np.float64)
-
-
-def _is_float(text: str) -> bool:
-  try:
-    float(text)
-  except ValueError:
-    return False
-  return True
-
-
-def series_file(path) -> Task:
-  """Next-value regression on a numeric series from a .csv or .npy file."""
-  path = pathlib.Path(path)
-  data = _load_series(path)
-  if data.ndim == 1:
-    data = data[:, None]
-  if data.ndim != 2 or data.shape[0] < 2 or data.shape[1] < 1:
-    raise DataError(
-        f"data file {str(path)!r} must hold a series of shape (T,) or (T, D) "
-        f"with T >= 2, got shape {data.shape}")
-  if not np.all(np.isfinite(data)):
-    raise DataError(f"data file {str(path)!r} contains NaN or inf")
-  scale = data.std(0)
-  data = ((data - data.mean(0)) / np.where(scale > 0, scale, 1)).astype(np.float32)
-
-  def sample(seed, steps, batch):
-    return _offset_streams(data, seed, steps, batch)
-
-  dim = data.shape[1]
-  return Task("series", "regression", dim, dim, False, 0, None, sample,
-              f"series {path.name} ({dim} feature{'s' * (dim > 1)}), next value")
-
-
 BUILTIN = {
     "recall": delayed_recall,
     "adding": adding,
@@ -241,20 +146,48 @@ BUILTIN = {
 }
 
 
-def get(name: str | None = None, data: str | None = None) -> Task:
+def get(name: str | None = None, data: str | None = None, *,
+        heldout: float = TRAIN.heldout, inputs: str | None = TRAIN.inputs,
+        targets: str | None = TRAIN.targets,
+        missing: str = TRAIN.missing) -> Task:
   """A built-in task by name, or a task from a user data file.
+
+  Args:
+    name: a key of :data:`BUILTIN` (``None``: ``"recall"``).
+    data: a user data file, read instead: a ``.csv`` / ``.npy`` series,
+      else UTF-8 text.
+    heldout: the fraction of ``data`` held out at its end.
+    inputs: a series' input columns (names or indices, by commas).
+    targets: a series' target columns.
+    missing: what to do with a series' missing cells (see
+      :class:`jbptt._cli.config.RunConfig`).
+
+  Returns:
+    The task.
 
   Raises:
     ValueError: for an unknown name.
-    DataError: for a data file that cannot be used.
+    DataError: for a data file that cannot be used, or column or missing
+      options given for a text file.
   """
   if data is not None:
     path = pathlib.Path(data)
     if not path.is_file():
       raise DataError(f"data file {data!r} does not exist or is not a file")
     if path.suffix.lower() in (".csv", ".npy"):
-      return series_file(path)
-    return text_file(path)
+      fields, split = _data.series_file(path, heldout=heldout, inputs=inputs,
+                                        targets=targets, missing=missing)
+      return Task("series", "regression", symbols=False, context=0,
+                  chance=None, split=split, **fields)
+    given = [f"--{k} {v}" for k, v in [("inputs", inputs), ("targets", targets),
+                                        ("missing", missing)]
+             if v != getattr(TRAIN, k)]
+    if given:
+      raise DataError(f"{', '.join(given)}: only for a .csv / .npy series; "
+                      f"{path.name} is read as text")
+    fields, split = _data.text_file(path, heldout=heldout)
+    return Task("text", "classification", symbols=True, context=0,
+                chance=None, split=split, **fields)
   name = name or "recall"
   if name not in BUILTIN:
     raise ValueError(
