@@ -30,8 +30,28 @@ Guarantees:
 The template must have the checkpoint's structure: a state from
 ``trainer.init(params, carry, xs, resets)`` (see :func:`jbptt.trainer`), or
 any state after an ``update``. Sharded templates (see :mod:`jbptt.sharding`)
-are restored with their shardings, on one host or many (each host checks
-every file).
+are restored with their shardings, on one host or many: every leaf gets the
+template's sharding (a leaf the template holds uncommitted, such as an
+optimizer's step count made by ``jnp.zeros``, comes back uncommitted).
+
+On several processes (``jax.distributed.initialize``), every process calls
+:func:`save` and :func:`restore` with its part of the same state, and the
+checks are split so that every byte is checked by someone:
+
+* every process checks every file's size and SHA-256 (the folder is shared);
+* a leaf some process holds whole (replicated params, the optimizer state,
+  the step) has a SHA-256 of all its bytes, checked by every process;
+* a leaf no process holds whole (a carry sharded over the batch) has a
+  SHA-256 per shard, recorded at save by the process holding it (the
+  ``shards`` entry of its leaf in ``jbptt.json``, keyed by the shard's place
+  ``"start:stop,..."``); at restore each process checks the shards it holds
+  that have a recorded place. Restored on another layout (another number of
+  processes), the shards' places differ and these leaves are covered by the
+  files' checksums alone.
+
+A failed check on any process raises :class:`CheckpointError` on all of
+them. A checkpoint saved on N processes can be restored on any other number
+(orbax reads each process's part from the global arrays).
 
 Checkpoints written by jbptt before 1.0 (format ``jbptt.checkpoint/1``, with
 no ``jbptt.json``) are refused with a :class:`CheckpointError` that says so.
@@ -115,12 +135,40 @@ def _spec(leaf) -> tuple[tuple[int, ...], str]:
   return tuple(int(d) for d in np.shape(leaf)), str(dtype)
 
 
+def _whole(leaf) -> bool:
+  """Whether this process can read all of ``leaf`` (held whole here)."""
+  return not isinstance(leaf, jax.Array) or (
+      leaf.is_fully_addressable or leaf.is_fully_replicated)
+
+
+def _sha(data) -> str:
+  return hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()
+
+
 def _digest(leaf) -> str | None:
-  """SHA-256 of a leaf's bytes; ``None`` where this host does not hold all."""
-  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-    return None
-  data = np.ascontiguousarray(np.asarray(leaf))
-  return hashlib.sha256(data.tobytes()).hexdigest()
+  """SHA-256 of a leaf's bytes; ``None`` where no process holds it whole."""
+  return _sha(np.asarray(leaf)) if _whole(leaf) else None
+
+
+def _index_key(index, shape) -> str:
+  """A shard's place in its global array, e.g. ``"0:4,0:3"``."""
+  return ",".join(f"{a}:{b}" for a, b, _ in
+                  (s.indices(d) for s, d in zip(index, shape)))
+
+
+def _shard_digests(leaf, *, primary: bool = True) -> dict[str, str]:
+  """SHA-256 of each shard this process holds, keyed by its place.
+
+  Args:
+    leaf: a ``jax.Array``.
+    primary: only the shards of replica 0 (each part of the array once over
+      all processes); else every addressable shard.
+
+  Returns:
+    ``{index key: sha256}``.
+  """
+  return {_index_key(s.index, leaf.shape): _sha(np.asarray(s.data))
+          for s in leaf.addressable_shards if not primary or s.replica_id == 0}
 
 
 def _file_digest(path: pathlib.Path) -> str:
@@ -141,14 +189,38 @@ def _files(step_dir: pathlib.Path) -> dict[str, dict]:
   }
 
 
-def _write_manifest(step_dir: pathlib.Path, manifest: dict) -> None:
-  """Writes ``jbptt.json`` atomically: a temporary file, synced, renamed."""
-  tmp = step_dir / f"{_MANIFEST}.tmp"
+def _write_json(target: pathlib.Path, value) -> None:
+  """Writes ``value`` atomically: a temporary file, synced, renamed."""
+  tmp = target.with_name(f"{target.name}.tmp")
   with open(tmp, "w") as f:
-    json.dump(manifest, f, indent=1)
+    json.dump(value, f, indent=1)
     f.flush()
     os.fsync(f.fileno())
-  os.replace(tmp, step_dir / _MANIFEST)
+  os.replace(tmp, target)
+
+
+def _write_manifest(step_dir: pathlib.Path, manifest: dict) -> None:
+  """Writes ``jbptt.json`` atomically."""
+  _write_json(step_dir / _MANIFEST, manifest)
+
+
+def _part(process: int) -> str:
+  return f"{_MANIFEST}.shards.{process}"
+
+
+def _merge_parts(step_dir: pathlib.Path, processes: int) -> dict:
+  """The shard checksums every process wrote: ``{path: {index: sha256}}``.
+
+  The parts are deleted once read; the merged checksums go into the
+  manifest.
+  """
+  merged: dict[str, dict[str, str]] = {}
+  for i in range(processes):
+    part = step_dir / _part(i)
+    for path, digests in json.loads(part.read_text()).items():
+      merged.setdefault(path, {}).update(digests)
+    part.unlink()
+  return merged
 
 
 def _barrier(name: str) -> None:
@@ -221,7 +293,16 @@ def save(directory, state: TrainState, *, info: dict | None = None,
     mngr.save(step, args=ocp.args.Composite(
         **{_ARRAYS: ocp.args.StandardSave(arrays)}), force=True)
     mngr.wait_until_finished()
+    split = {p: _shard_digests(v) for p, v in zip(paths, leaves)
+             if not _whole(v)}
+    if split:  # each process's shards' checksums, merged by process 0
+      _write_json(path / _part(jax.process_index()), split)
+      _barrier(f"jbptt.checkpoint.shards:{step}")
     if jax.process_index() == 0:
+      if split:
+        shards = _merge_parts(path, jax.process_count())
+        for entry in manifest["leaves"]:
+          entry["shards"] = shards.get(entry["path"])
       _write_manifest(path, {**manifest, "files": _files(path)})
     _barrier(f"jbptt.checkpoint.save:{step}")
     if keep is not None:
@@ -416,12 +497,51 @@ def _abstract(leaf):
 
 
 def _place(value, leaf):
-  """The restored ``value`` as the template ``leaf``'s kind of array."""
+  """The restored ``value`` as the template ``leaf``'s kind of array.
+
+  A leaf the template holds committed to its sharding is placed there; an
+  uncommitted one (``jnp.zeros(())`` made on the default device, such as an
+  optimizer's step count) comes back uncommitted, so that jit may move it
+  beside arrays on a mesh of several processes' devices, as it could the
+  template's.
+  """
   if value is None or not isinstance(leaf, jax.Array):
     return value
+  if not leaf.committed:
+    return jax.device_put(np.asarray(value))
   if isinstance(value, jax.Array) and value.sharding == leaf.sharding:
     return value
   return jax.device_put(value, leaf.sharding)
+
+
+def _corrupt(entry, value) -> bool:
+  """Whether a restored leaf differs from what ``save`` recorded.
+
+  This process checks what it can read of ``value``: the whole leaf's
+  SHA-256 where the leaf is held whole here and was saved whole; else each
+  shard it holds whose place in the array matches a shard recorded at save
+  (a checkpoint restored with the layout it was saved with has every shard
+  checked by the process holding it; shards of another layout are covered
+  by the files' checksums only).
+  """
+  if value is None or _spec(value) != (tuple(entry["shape"]), entry["dtype"]):
+    return True
+  if entry["sha256"] is not None and _whole(value):
+    return _digest(value) != entry["sha256"]
+  saved = entry.get("shards") or {}
+  if not isinstance(value, jax.Array):
+    return False
+  held = _shard_digests(value, primary=False)
+  return any(saved[k] != d for k, d in held.items() if k in saved)
+
+
+def _anywhere(flag: bool) -> bool:
+  """Whether ``flag`` holds on any process (all processes must call it)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def restore(directory, like: TrainState, *, step: int | None = None,
@@ -468,12 +588,11 @@ def restore(directory, like: TrainState, *, step: int | None = None,
           f"({type(e).__name__}: {_brief(e)})."
       ) from e
   values = [_place(arrays.get(_key(i)), leaf) for i, leaf in enumerate(leaves)]
-  bad = [e["path"] for e, v in zip(entries, values)
-         if v is None or _spec(v) != (tuple(e["shape"]), e["dtype"])
-         or (e["sha256"] is not None and _digest(v) not in (None, e["sha256"]))]
-  if bad:
+  bad = [e["path"] for e, v in zip(entries, values) if _corrupt(e, v)]
+  if _anywhere(bool(bad)):  # every process raises, or none
+    mine = ", ".join(bad[:_MAX_LISTED]) or "found on another process"
     raise CheckpointError(
-        f"{where} is corrupt: these leaves do not match their recorded "
-        f"checksums: {', '.join(bad[:_MAX_LISTED])}."
+        f"{where} is corrupt: leaves do not match their recorded "
+        f"checksums: {mine}."
     )
   return jax.tree_util.tree_unflatten(treedef, values)
