@@ -84,48 +84,73 @@ def launch(target: str, n: int, *, timeout: float = 120.0,
   with tempfile.TemporaryDirectory(prefix="jbptt-multihost-") as tmp:
     folder = pathlib.Path(tmp)
     (folder / "kwargs.pkl").write_bytes(pickle.dumps(kwargs))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(
-        [str(HERE), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    env.pop("XLA_FLAGS", None)  # one CPU device per process
-    if cache_dir is not None:
-      env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     port = free_port()
-    procs, logs = [], []
-    try:
-      for i in range(n):
-        log = folder / f"process{i}.log"
-        logs.append(log)
-        with open(log, "w") as out:
-          procs.append(subprocess.Popen(
-              [sys.executable, str(HERE / "multihost.py"), str(port), str(n),
-               str(i), target, str(folder)],
-              stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(HERE)))
-      deadline = time.monotonic() + timeout
-      while any(p.poll() is None for p in procs):
-        failed = [p for p in procs if p.poll() not in (None, 0)]
-        if failed or time.monotonic() > deadline:
-          break
-        time.sleep(0.05)
-      codes = [p.poll() for p in procs]
-      if NO_GLOO in codes:
-        raise Unavailable(_tail(logs[codes.index(NO_GLOO)]).strip()
-                          .splitlines()[-1])
-      if codes != [0] * n:
-        why = ("timed out after " f"{timeout:g} s" if None in codes
-               else "a process failed")
-        report = "\n".join(
-            f"--- process {i} (exit {c}) ---\n{_tail(log)}"
-            for i, (c, log) in enumerate(zip(codes, logs)))
-        raise LaunchError(f"{target} on {n} processes: {why}.\n{report}")
-      return pickle.loads((folder / "result.pkl").read_bytes())
-    finally:
-      for p in procs:
-        if p.poll() is None:
-          p.kill()
-      for p in procs:
-        p.wait()
+    argvs = [[str(HERE / "multihost.py"), str(port), str(n), str(i), target,
+              str(folder)] for i in range(n)]
+    _supervise(argvs, folder, timeout, target, cache_dir)
+    return pickle.loads((folder / "result.pkl").read_bytes())
+
+
+def commands(argv, n: int, *, timeout: float = 120.0,
+             cache_dir: str | None = None) -> list[str]:
+  """Runs ``python *argv(i, port)`` as processes ``i = 0 .. n-1``, where
+  ``port`` is a free port of 127.0.0.1 for their coordinator; returns each
+  one's output (stdout and stderr).
+
+  Raises:
+    Unavailable, LaunchError: as :func:`launch`.
+  """
+  with tempfile.TemporaryDirectory(prefix="jbptt-multihost-") as tmp:
+    port = free_port()
+    return _supervise([list(argv(i, port)) for i in range(n)],
+                      pathlib.Path(tmp), timeout, "commands", cache_dir)
+
+
+def _supervise(argvs, folder: pathlib.Path, timeout: float, what: str,
+               cache_dir: str | None) -> list[str]:
+  """Starts one process per argument list, waits for all (at most
+  ``timeout`` s, less if one fails), ends every one, returns their output."""
+  n = len(argvs)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(
+      [str(HERE), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+  env.pop("XLA_FLAGS", None)  # one CPU device per process
+  if cache_dir is not None:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  procs, logs = [], []
+  try:
+    for i, argv in enumerate(argvs):
+      log = folder / f"process{i}.log"
+      logs.append(log)
+      with open(log, "w") as out:
+        procs.append(subprocess.Popen(
+            [sys.executable, *argv], stdout=out, stderr=subprocess.STDOUT,
+            env=env, cwd=str(HERE)))
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs):
+      failed = [p for p in procs if p.poll() not in (None, 0)]
+      if failed or time.monotonic() > deadline:
+        break
+      time.sleep(0.05)
+    codes = [p.poll() for p in procs]
+    if NO_GLOO in codes:
+      raise Unavailable(_tail(logs[codes.index(NO_GLOO)]).strip()
+                        .splitlines()[-1])
+    if codes != [0] * n:
+      why = ("timed out after " f"{timeout:g} s" if None in codes
+             else "a process failed")
+      report = "\n".join(
+          f"--- process {i} (exit {c}) ---\n{_tail(log)}"
+          for i, (c, log) in enumerate(zip(codes, logs)))
+      raise LaunchError(f"{what} on {n} processes: {why}.\n{report}")
+    return [log.read_text(errors="replace") for log in logs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+    for p in procs:
+      p.wait()
 
 
 def _worker(port: str, n: str, i: str, target: str, folder: str) -> None:

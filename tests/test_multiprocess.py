@@ -304,3 +304,45 @@ def test_two_process_checkpoint_on_four(four):
     return
   assert out["mismatched"] == []
   close(out["resumed"], reference(CK))
+
+
+# `jbptt train --distributed` ------------------------------------------------
+
+TRAIN = ["--task", "adding", "--k1", "3", "--k2", "6", "--steps", "120",
+         "--batch", "4", "--hidden", "8"]
+
+
+def _train_on(n, cache, *args):
+  """``jbptt train *args --distributed`` on ``n`` processes; their outputs."""
+  argv = lambda i, port: [
+      "-m", "jbptt", "train", *args, "--distributed", "--coordinator",
+      f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(i)]
+  try:
+    return multihost.commands(argv, n, timeout=TIMEOUT, cache_dir=str(cache))
+  except multihost.Unavailable as e:
+    pytest.skip(f"no gloo CPU collectives for several JAX processes: {e}")
+
+
+def test_jbptt_train_on_two_processes(tmp_path, cache):
+  """Two processes train, checkpoint and resume as one process does; only
+  process 0 prints and writes the outputs."""
+  from jbptt._cli.main import main
+
+  assert main(["train", *TRAIN, "--out", str(tmp_path / "one")]) == 0
+  (want,) = json.loads((tmp_path / "one" / "results.json").read_text())
+  two = tmp_path / "two"
+  logs = _train_on(2, cache, *TRAIN, "--out", str(two))
+  assert "2 processes, 2 streams each" in logs[0] and "TBPTT(3, 6)" in logs[0]
+  assert "TBPTT(3, 6)" not in logs[1] and "wrote" not in logs[1]
+  (got,) = json.loads((two / "results.json").read_text())
+  for key in ("updates", "final_loss", "heldout_loss"):
+    assert got[key] == pytest.approx(want[key], rel=1e-5), key
+  # Interrupted after its last checkpoint but one, resumed on 2 processes.
+  steps = sorted(int(p.name) for p in (two / "checkpoints").iterdir())
+  shutil.rmtree(two / "checkpoints" / str(steps[-1]))
+  (two / "results.json").unlink()
+  logs = _train_on(2, cache, "--resume", str(two))
+  assert f"resuming {two} at step {steps[-2]}" in " ".join(logs[0].split())
+  (again,) = json.loads((two / "results.json").read_text())
+  assert again["final_loss"] == pytest.approx(want["final_loss"], rel=1e-5)
+  assert again["updates"] == want["updates"]

@@ -31,6 +31,7 @@ from jbptt._cli.tasks import Task
 __all__ = (
     "CELLS",
     "Config",
+    "Placement",
     "Result",
     "Score",
     "StreamModel",
@@ -41,6 +42,8 @@ __all__ = (
     "run",
     "template",
 )
+
+tree_map = jax.tree_util.tree_map
 
 # The keys are jbptt._cli.config.CELLS, the choices of --cell.
 HELDOUT_STEPS = 2000  # the steps of a built-in task's held-out streams
@@ -239,6 +242,67 @@ def _stream_spec(task: Task, inputs, targets, config: Config):
   return xs, resets
 
 
+class Placement:
+  """Where a run's arrays live: on this process, or split over processes.
+
+  With one JAX process the arrays are left as they are. With several
+  (``jax.distributed.initialize``), every process holds the whole stream on
+  the host (the same seed gives the same streams) and feeds its slice of
+  the batch, ``batch // process_count`` streams: the carry and the stream's
+  chunks are global arrays sharded over the batch of every process's
+  devices (:func:`jbptt.sharding.shard_batch`), the params replicated, so
+  the trainer's updates are those of one process on the whole batch.
+  """
+
+  def __init__(self, batch: int):
+    self.processes = jax.process_count()
+    if self.processes > 1:
+      from jbptt import sharding
+
+      self._sharding = sharding
+      self._mesh = sharding.batch_mesh()
+      size = batch // self.processes
+      index = jax.process_index()
+      self._mine = slice(index * size, (index + 1) * size)
+
+  def params(self, tree):
+    """Params, replicated over every device."""
+    if self.processes == 1:
+      return tree
+    return self._sharding.replicate(tree, self._mesh)
+
+  def carry(self, tree):
+    """A ``(batch, ...)`` carry, this process's streams."""
+    if self.processes == 1:
+      return tree
+    return self._sharding.shard_batch(
+        tree_map(lambda a: np.asarray(a)[self._mine], tree), self._mesh)
+
+  def stream(self, tree):
+    """``(time, batch, ...)`` arrays (``None`` stays ``None``)."""
+    if self.processes == 1:
+      return tree_map(jnp.asarray, tree)
+    return self._sharding.shard_batch(
+        tree_map(lambda a: np.asarray(a)[:, self._mine], tree), self._mesh,
+        batch_axis=1)
+
+  def host(self, tree):
+    """Replicated arrays as NumPy arrays, the same on every process."""
+    if self.processes == 1:
+      return tree
+    return tree_map(np.asarray, tree)
+
+
+def _init(task: Task, model: StreamModel, tr, params, carry, inputs, targets,
+          config: Config, placement: Placement):
+  """The trainer's first state, placed."""
+  xs, resets = _stream_spec(task, inputs, targets, config)
+  if placement.processes > 1:  # placed arrays of one step
+    xs, resets = placement.stream(tree_map(
+        lambda s: np.zeros(s.shape, s.dtype), (xs, resets)))
+  return tr.init(placement.params(params), placement.carry(carry), xs, resets)
+
+
 def evaluate(task: Task, model: StreamModel, params, config: Config, *,
              batch: int, seed: int, steps: int = HELDOUT_STEPS):
   """Held-out loss and accuracy, in the run's own regime (cut or stream).
@@ -347,8 +411,8 @@ def template(task: Task, config: Config, settings: RunConfig = TRAIN):
   """A ``TrainState`` of the run's structure: the template of a restore."""
   model, params, carry = build(task, settings)
   inputs, targets = task.sample(settings.seed + 1, 1, settings.batch)
-  xs, resets = _stream_spec(task, inputs, targets, config)
-  return _trainer(task, model, config, settings).init(params, carry, xs, resets)
+  return _init(task, model, _trainer(task, model, config, settings), params,
+               carry, inputs, targets, config, Placement(settings.batch))
 
 
 def run(
@@ -383,8 +447,10 @@ def run(
   inputs, targets = task.sample(settings.seed + 1, steps, batch)
   restarts = (None if task.resets is None
               else task.resets(settings.seed + 1, steps, batch))
+  placement = Placement(batch)
   if resume is None:
-    state = tr.init(params, carry, *_stream_spec(task, inputs, targets, config))
+    state = _init(task, model, tr, params, carry, inputs, targets, config,
+                  placement)
     progress = {"updates": 0, "wall_s": 0.0, "curve_step": [], "curve_loss": []}
   else:
     state, progress = resume
@@ -400,9 +466,10 @@ def run(
   for a in range(begin, steps, chunk):
     start = time.perf_counter()
     b = min(steps, a + chunk)
-    xs = (jnp.asarray(inputs[a:b]), jnp.asarray(targets[a:b]))
-    state, metrics = tr.update(
-        state, xs, _resets(a, b - a, config.seq_len, batch, restarts))
+    xs, resets = placement.stream(
+        ((inputs[a:b], targets[a:b]),
+         _resets(a, b - a, config.seq_len, batch, restarts)))
+    state, metrics = tr.update(state, xs, resets)
     valid = np.asarray(metrics.valid)
     losses = np.asarray(metrics.loss)[valid]
     first_end = (a // config.k1 + 1) * config.k1
@@ -418,4 +485,5 @@ def run(
   return Result(config.label, config.k1, config.k2, progress["updates"], wall,
                 steps / wall, curve_step=progress["curve_step"],
                 curve_loss=progress["curve_loss"], state=state,
-                **_heldout(task, model, state.params, config, settings))
+                **_heldout(task, model, placement.host(state.params),
+                           config, settings))

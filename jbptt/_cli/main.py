@@ -230,10 +230,11 @@ def _task(settings: RunConfig):
     raise UsageError(str(e)) from e
 
 
-def _console():
+def _console(quiet: bool = False):
   from rich.console import Console
 
-  return Console(width=max(100, shutil.get_terminal_size().columns))
+  return Console(width=max(100, shutil.get_terminal_size().columns),
+                 quiet=quiet)
 
 
 def _given(args) -> dict:
@@ -321,11 +322,66 @@ def _resume_point(root: pathlib.Path):
   return step, info
 
 
+PROCESS_OPTIONS = ("coordinator", "num_processes", "process_id")
+
+
+def _start_processes(args) -> None:
+  """``--distributed``: joins the run's processes
+  (``jax.distributed.initialize``), before anything touches JAX's devices.
+
+  The coordinator, process count and index are the options given, else what
+  JAX finds in the environment (``JAX_COORDINATOR_ADDRESS``, SLURM, Open MPI,
+  Kubernetes and other clusters JAX detects). On CPUs the processes'
+  collectives are gloo's unless ``JAX_CPU_COLLECTIVES_IMPLEMENTATION`` says
+  otherwise.
+  """
+  given = [f"--{k.replace('_', '-')}" for k in PROCESS_OPTIONS
+           if getattr(args, k) is not None]
+  if not args.distributed:
+    if given:
+      raise UsageError(f"{', '.join(given)}: only with --distributed")
+    return
+  import jax
+
+  if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=args.num_processes,
+                               process_id=args.process_id)
+  except (ValueError, RuntimeError) as e:
+    raise UsageError(f"--distributed: {_first_line(e)}") from e
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
+def _lead() -> bool:
+  """Whether this is the process that prints and writes the outputs (process
+  0 of a --distributed run; the only one otherwise)."""
+  import jax
+
+  return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+  """Waits for every process of a --distributed run (nothing on one)."""
+  import jax
+
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
 def cmd_train(args) -> int:
   """``jbptt train``: one run, checkpointed, or ``--resume`` of one."""
   from jbptt import checkpoint
   from jbptt._cli import experiment
 
+  _start_processes(args)
   saved = None
   if args.resume is not None:
     if args.out is not None and pathlib.Path(args.out).absolute() != pathlib.Path(
@@ -344,6 +400,7 @@ def cmd_train(args) -> int:
         f"--heldout {settings.heldout} leaves {split.train_steps} training "
         f"steps of {pathlib.Path(settings.data).name}, fewer than --k2 "
         f"{settings.k2}; hold out less or choose a smaller --k2")
+  processes = _processes(settings)
   out = _prepare_out(args.out)
   ckpts = out / CHECKPOINTS
   config = experiment.Config(f"TBPTT({settings.k1}, {settings.k2})",
@@ -361,12 +418,17 @@ def cmd_train(args) -> int:
                      f"run; continue it with --resume {args.out}, or choose "
                      "another --out")
 
-  def save(state, progress):
+  _sync("jbptt.train:start")  # every process checked --out first
+
+  def save(state, progress):  # every process saves its part
     if int(state.step) > (0 if saved is None else step):
       checkpoint.save(ckpts, state, info={"run": settings.saved(),
                                           "progress": progress})
 
-  console = _console()
+  console = _console(quiet=not _lead())
+  if processes > 1:
+    console.print(f"{processes} processes, {settings.batch // processes} "
+                  "streams each")
   if saved is not None:
     console.print(f"resuming {out} at step {step} of {settings.steps}")
   if split is not None:
@@ -379,10 +441,23 @@ def cmd_train(args) -> int:
                   on_chunk=save)
   console.print(_table([result], f"{task.description}, {settings.steps} steps",
                        split))
-  _write([result], task, out)
+  if _lead():
+    _write([result], task, out)
+  _sync("jbptt.train:written")
   console.print(f"wrote {out / 'results.json'}, {out / 'curves.png'} and "
                 f"{ckpts / str(int(result.state.step))}")
   return 0
+
+
+def _processes(settings: RunConfig) -> int:
+  """The run's process count; its streams must divide over the devices."""
+  import jax
+
+  processes, devices = jax.process_count(), jax.device_count()
+  if processes > 1 and settings.batch % devices:
+    raise UsageError(f"--batch {settings.batch} does not divide over the "
+                     f"{devices} devices of {processes} processes")
+  return processes
 
 
 def parser() -> argparse.ArgumentParser:
@@ -455,6 +530,21 @@ def parser() -> argparse.ArgumentParser:
                  help="continue the run whose --out was DIR from its newest "
                  "checkpoint, with its settings, to its --steps")
   common(q, TRAIN, fill=False)
+  # Not saved settings: how this run's processes meet.
+  q.add_argument("--distributed", action="store_true",
+                 help="one of several processes (jax.distributed.initialize): "
+                 "each feeds its slice of the --batch streams, process 0 "
+                 "prints and writes the outputs, all save the checkpoints "
+                 "(--out on a shared file system); the coordinator, process "
+                 "count and index come from the three options below or from "
+                 "the environment (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, "
+                 "Kubernetes, ...)")
+  q.add_argument("--coordinator", metavar="HOST:PORT",
+                 help="with --distributed: process 0's address")
+  q.add_argument("--num-processes", type=_positive("--num-processes"),
+                 help="with --distributed: how many processes")
+  q.add_argument("--process-id", type=int,
+                 help="with --distributed: this process's index, from 0")
   q.set_defaults(run=cmd_train)
 
   q = sub.add_parser("schedule", help="draw the TBPTT(k1, k2) schedule")
