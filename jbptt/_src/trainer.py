@@ -120,7 +120,31 @@ class Metrics(NamedTuple):
 
 
 class Trainer(NamedTuple):
-  """A pair of pure functions, ``init`` and ``update`` (optax style)."""
+  """TBPTT(k1, k2) online, as a pair of pure functions (optax style).
+
+  Made by :func:`jbptt.trainer`, which documents both in full.
+
+  Attributes:
+    init: ``init(params, carry, xs, resets=None) -> TrainState``: the state
+      of a stream whose chunks look like ``xs`` (arrays or
+      ``jax.ShapeDtypeStruct``s); ``resets`` declares that it has resets.
+    update: ``update(state, xs, resets=None) -> (state, metrics)``: feeds a
+      chunk of any length, making an update every ``k1`` stream steps;
+      ``state`` may be a :class:`TrainState` or a :class:`PackedState`, and
+      comes back as given.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, jbptt
+    >>> def step_loss(p, h, x):
+    ...   h = jnp.tanh(p * h + x)
+    ...   return h, jnp.mean(h ** 2)
+    >>> tr = jbptt.trainer(step_loss, optax.sgd(0.1), k1=2, k2=3)
+    >>> xs = jnp.ones((5, 4))                      # (time, batch)
+    >>> state = tr.init(jnp.float32(0.5), jnp.zeros(4), xs)
+    >>> state, metrics = tr.update(state, xs)
+    >>> int(state.step), int(metrics.valid.sum())  # 5 steps, 2 updates
+    (5, 2)
+  """
 
   init: Callable[..., TrainState]
   update: Callable[..., tuple[TrainState, Metrics]]
@@ -305,11 +329,27 @@ def _current(split, lay, unroll, h0, params, anchor, tail_x, tail_r, left):
 
 
 def capacity(m: int, k1: int) -> int:
-  """The capacity class of a chunk of ``m`` steps: its update slots,
-  ``ceil(m / k1)``, rounded up to a power of two, times ``k1`` steps.
+  """The capacity class of a chunk of ``m`` steps, in steps.
 
-  ``update`` pads a chunk to its capacity, so that one program serves every
-  chunk length of a class; ``Metrics`` has one entry per slot of it.
+  Its update slots, ``ceil(m / k1)``, rounded up to a power of two, times
+  ``k1``. ``update`` pads a chunk to its capacity (the padding steps change
+  nothing), so that one compiled program serves every chunk length of a
+  class, and a stream fed in chunks of varying lengths compiles at most
+  ``log2`` of its longest chunk's slots programs; :class:`Metrics` has one
+  entry per slot.
+
+  Args:
+    m: the chunk's steps, an int >= 1.
+    k1: the trainer's ``k1``.
+
+  Returns:
+    The steps of the chunk's class, a multiple of ``k1`` that is at least
+    ``m``.
+
+  Examples:
+    >>> import jbptt
+    >>> [jbptt.capacity(m, k1=4) for m in (1, 4, 5, 9, 16, 17)]
+    [4, 4, 8, 16, 16, 32]
   """
   slots = -(-m // k1)
   return k1 * (1 << (slots - 1).bit_length())
