@@ -101,7 +101,15 @@ _MAX_LISTED = 6
 
 
 class CheckpointError(ValueError):
-  """A checkpoint that cannot be restored; the message says what is wrong."""
+  """A checkpoint that cannot be read: missing, incomplete, corrupt, of an
+  older format, or not made for the template or ``info`` given.
+
+  A ``ValueError``; its message names the checkpoint's folder and says what
+  is wrong (the step asked for that does not exist, the files or leaves
+  whose checksums differ, the fields of the template that differ). Raised by
+  :func:`restore` and :func:`read_info`, before any value is returned: a
+  state is restored whole or not at all.
+  """
 
 
 def _ocp():
@@ -314,7 +322,18 @@ def save(directory, state: TrainState, *, info: dict | None = None,
 
 
 def latest_step(directory) -> int | None:
-  """The newest complete checkpoint's step in ``directory``, or ``None``."""
+  """The newest complete checkpoint's step in ``directory``.
+
+  A checkpoint is complete once :func:`save` has written its manifest;
+  one whose save was interrupted is never reported.
+
+  Args:
+    directory: the folder given to :func:`save`; it need not exist.
+
+  Returns:
+    The step (an int), or ``None`` if the folder has no complete
+    checkpoint or does not exist.
+  """
   if not pathlib.Path(directory).is_dir():
     return None
   with _manager(directory) as mngr:
@@ -388,7 +407,20 @@ def _read_manifest(step_dir: pathlib.Path, where: str) -> dict:
 
 
 def read_info(directory, *, step: int | None = None) -> dict | None:
-  """The ``info`` dict saved with a checkpoint (default: the newest)."""
+  """The ``info`` saved with a checkpoint, without reading its arrays.
+
+  Args:
+    directory: the folder given to :func:`save`.
+    step: the checkpoint's step; ``None``: the newest complete one.
+
+  Returns:
+    The ``info`` dict given to :func:`save` (JSON values), or ``None`` if it
+    was saved without one.
+
+  Raises:
+    CheckpointError: if ``directory`` is not a folder, has no such step, or
+      the checkpoint's manifest is missing or unreadable.
+  """
   directory = pathlib.Path(directory)
   if not directory.is_dir():
     raise CheckpointError(f"no checkpoint in {directory}: not a folder.")

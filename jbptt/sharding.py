@@ -32,7 +32,20 @@ __all__ = ("batch_mesh", "replicate", "shard_batch")
 
 
 def batch_mesh(devices=None, axis_name: str = "batch") -> Mesh:
-  """A one-axis mesh over ``devices`` (default: all, of every host)."""
+  """A one-axis mesh over ``devices``, for data parallelism over the batch.
+
+  Args:
+    devices: the devices, in mesh order; ``None``: ``jax.devices()``, every
+      device of every process.
+    axis_name: the mesh axis's name, which :func:`shard_batch` splits the
+      batch over.
+
+  Returns:
+    A ``jax.sharding.Mesh`` of shape ``(len(devices),)``.
+
+  Raises:
+    ValueError: if ``devices`` is empty.
+  """
   devices = jax.devices() if devices is None else list(devices)
   if not devices:
     raise ValueError("batch_mesh needs at least one device.")
@@ -81,5 +94,17 @@ def shard_batch(tree, mesh: Mesh, *, batch_axis: int = 0):
 
 
 def replicate(tree, mesh: Mesh):
-  """Places every leaf of ``tree`` whole on every device of ``mesh``."""
+  """Places every leaf of ``tree`` whole on every device of ``mesh``.
+
+  For the params (and anything else every device needs whole). With several
+  processes, every process must pass the same values.
+
+  Args:
+    tree: a pytree of arrays.
+    mesh: the mesh, e.g. :func:`batch_mesh`'s.
+
+  Returns:
+    ``tree`` with every leaf a ``jax.Array`` replicated over ``mesh``
+    (``PartitionSpec()``).
+  """
   return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
