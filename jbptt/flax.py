@@ -612,20 +612,22 @@ class NNXTruncatedRNN(nnx.RNN):
     slice_carry = seq_lengths is not None and return_carry
     broadcast_rngs = nnx.All(nnx.RngState, self.broadcast_rngs)
     state_axes = nnx.StateAxes({broadcast_rngs: None, **self.state_axes})
-    in_axes = (state_axes, nnx.Carry, time_axis)
-    if cuts is not None:
-      in_axes += (0,)
     out_axes = (nnx.Carry, (0, time_axis) if slice_carry else time_axis)
-
     # As nnx.RNN: split_rngs with splits=1 and squeeze=True gives unique
-    # broadcast rngs at every call.
-    @nnx.split_rngs(splits=1, only=self.broadcast_rngs, squeeze=True)
-    @nnx.compat.scan(in_axes=in_axes, out_axes=out_axes, unroll=self.unroll)
-    def scan_fn(cell, carry, x, cut=None):
-      return _step(cell, carry, x, cut, slice_carry)
-
+    # broadcast rngs at every call. nnx's scan passes every parameter of the
+    # function, so a call with nothing to cut scans one without the cuts.
+    scan = lambda fn, *axes: nnx.split_rngs(
+        splits=1, only=self.broadcast_rngs, squeeze=True)(nnx.compat.scan(
+            fn, in_axes=(state_axes, nnx.Carry, time_axis, *axes),
+            out_axes=out_axes, unroll=self.unroll))
     args = (self.cell, initial_carry, inputs)
-    carry, outputs = scan_fn(*(args if cuts is None else args + (cuts,)))
+    if cuts is None:  # nothing to cut: nnx.RNN's own program
+      carry, outputs = scan(
+          lambda cell, h, x: _step(cell, h, x, None, slice_carry))(*args)
+    else:
+      carry, outputs = scan(
+          lambda cell, h, x, cut: _step(cell, h, x, cut, slice_carry),
+          0)(*args, cuts)
     return _finish(carry, outputs, slice_carry=slice_carry,
                    seq_lengths=seq_lengths, batch_dims=batch_dims,
                    time_major=time_major, reverse=reverse,

@@ -514,6 +514,7 @@ NNX_PARITY = [
     ("drop", {}, {}, (2, T, D), 2),  # rngs and batch stats carried, a cut
     ("drop", {"broadcast_rngs": "dropout"}, {"seq_lengths": LENGTHS},
      (2, T, D), 5),
+    ("lstm", {"unroll": 3}, {}, (2, 2, T, D), None),  # two batch axes
 ]
 
 
