@@ -1,6 +1,7 @@
 """jbptt against PyTorch, Keras and hand-written JAX TBPTT, side by side.
 
     python benchmarks/run.py [--quick] [--smoke] [--out DIR] [--cases NAME ...]
+    python benchmarks/run.py --replot DIR [DIR ...]   # redraw saved results' plots
 
 Each case runs every implementation in this one process, interleaved, after a
 warm-up call (whose extra time over the median is reported as compile time),
@@ -516,18 +517,89 @@ def markdown(rows, skipped, env=None) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plots(rows, out: pathlib.Path):
+# A fixed colour per implementation, the same in every plot of every run
+# (matplotlib's default cycle repeats after 10 and depends on the order).
+# Roughly, jbptt blues and greens, JAX baselines greys and browns, PyTorch
+# reds and oranges; variants of one implementation get well-separated hues.
+COLOURS = {
+    "jbptt.trainer": "#1f77b4",
+    "jbptt.trainer (unroll=1)": "#aec7e8",
+    "jbptt.trainer (unroll=2)": "#5254a3",
+    "jbptt.trainer (unroll=4)": "#ce6dbd",
+    "jbptt.trainer (unroll=8)": "#08306b",
+    "jbptt.trainer (unroll=16)": "#637939",
+    "jbptt.trainer (stored)": "#17becf",
+    "jbptt.trainer (stored, unroll=1)": "#9edae5",
+    "jbptt.trainer (stored, unroll=8)": "#0b6e78",
+    "jbptt.trainer (remat)": "#843c39",
+    "jbptt.trainer, k1 steps per call": "#74c476",
+    "jbptt.trainer, k1 steps per call, packed": "#006d2c",
+    "jbptt.trainer (head in step)": "#e7ba52",
+    "jbptt.trainer (cell_loss)": "#6b6ecf",
+    "jbptt.truncated_loss": "#2ca02c",
+    "jbptt.truncated_loss (unroll=1)": "#b5cf6b",
+    "jbptt.truncated_loss (unroll=8)": "#98df8a",
+    "hand-written scan": "#7f7f7f",
+    "hand-written scan (unroll=4)": "#c7c7c7",
+    "Flax + Python loop": "#8c564b",
+    "full BPTT": "#bcbd22",
+    "PyTorch nn.LSTM chunked": "#d62728",
+    "PyTorch LSTMCell loop": "#ff7f0e",
+    "PyTorch forum recipe": "#ff9896",
+    "PyTorch word_language_model": "#ad494a",
+    "Keras 3 stateful LSTM (JAX)": "#9467bd",
+}
+
+
+def colours(impls) -> dict[str, str]:
+  """A colour for each of ``impls``, no two alike: ``COLOURS`` where it has
+  one not taken yet, else the first free colour of tab20."""
+  import matplotlib
+
+  spare = [matplotlib.colors.to_hex(c) for c in matplotlib.colormaps["tab20"].colors]
+  spare += [matplotlib.colors.to_hex(c) for c in matplotlib.colormaps["tab20b"].colors]
+  chosen: dict[str, str] = {}
+  for impl in impls:
+    want = COLOURS.get(impl)
+    if want is None or want in chosen.values():
+      want = next(c for c in spare if c not in chosen.values())
+    chosen[impl] = want
+  return chosen
+
+
+def machine(rows, env=None) -> str:
+  """Where the results were measured, from the results themselves: the
+  device recorded in the rows, the CPU model and the date of the run when
+  ``environment.json`` has them (never the plotting machine's device)."""
+  devices = {r["device"] for r in rows if r.get("device")}
+  # "cpu (...), 2 forced host device(s)" (the devices case) is that cpu.
+  devices = sorted(d for d in devices
+                   if not any(e != d and d.startswith(e) for e in devices))
+  where = ", ".join(devices) or "device not recorded"
+  if env:
+    model = next((line.split(":", 1)[1].strip() for line in env.get("machine", [])
+                  if line.startswith("Model name:")), None)
+    if model and model not in where:
+      where += f", {model}"
+    if env.get("date"):
+      where += f", {env['date'][:10]}"
+  return where
+
+
+def plots(rows, out: pathlib.Path, env=None):
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  title_where = machine(rows, env)
   speed = [r for r in rows if r["case"] not in _OWN_TABLES or r["case"] == "lm"]
   group = lambda r: (r["case"], r["k1"], r["k2"], r.get("vocab", 0))
   groups = sorted({group(r) for r in speed})
   impls = sorted({r["impl"] for r in speed})
   if groups:
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4.5))
+    colour = colours(impls)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups)) + 3.2, 4.8))
     width = 0.8 / len(impls)
     for i, impl in enumerate(impls):
       xs, hs = [], []
@@ -536,31 +608,49 @@ def plots(rows, out: pathlib.Path):
         if match:
           xs.append(j + i * width)
           hs.append(match[0]["ms_per_seq"])
-      ax.bar(xs, hs, width, label=impl)
+      ax.bar(xs, hs, width, label=impl, color=colour[impl], edgecolor="white",
+             linewidth=0.3)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
     ax.set_xticklabels([f"{c}{f' V={v}' if v else ''}\n({k1}, {k2})"
-                        for c, k1, k2, v in groups], fontsize=8)
+                        for c, k1, k2, v in groups], fontsize=9)
     ax.set_yscale("log")
-    ax.set_ylabel("ms per sequence (log)")
-    ax.set_title(f"TBPTT training time, {device_name()}")
-    ax.legend(fontsize=7)
+    ax.set_ylabel("ms per sequence (log scale)")
+    ax.set_title(f"TBPTT training time, {title_where}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              frameon=False)
     fig.tight_layout()
-    fig.savefig(out / "speed.png", dpi=110)
+    fig.savefig(out / "speed.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
   mem = [r for r in rows if r["case"] == "memory"]
   if mem:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for impl in sorted({r["impl"] for r in mem}):
+    mem_impls = sorted({r["impl"] for r in mem})
+    colour = colours(mem_impls)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for impl in mem_impls:
       pts = sorted((r["n"], r["peak_mem_mb"]) for r in mem if r["impl"] == impl)
-      ax.plot(*zip(*pts), marker="o", label=impl)
+      ax.plot(*zip(*pts), marker="o", label=impl, color=colour[impl])
     ax.set_xscale("log")
     ax.set_xlabel("stream length n")
     ax.set_ylabel("peak memory (MB)")
-    ax.set_title("Memory against stream length, TBPTT(32, 32)")
-    ax.legend()
+    ax.set_title(f"Memory against stream length, TBPTT(32, 32)\n{title_where}",
+                 fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(out / "memory.png", dpi=110)
     plt.close(fig)
+
+
+def replot(folder: pathlib.Path) -> bool:
+  """Redraws ``folder``'s plots from its saved ``results.json`` (and
+  ``environment.json``, if any), without running anything; ``False`` if the
+  folder holds no rows of this script."""
+  rows = json.loads((folder / "results.json").read_text())
+  if not isinstance(rows, list):
+    return False
+  env_file = folder / "environment.json"
+  env = json.loads(env_file.read_text()) if env_file.exists() else None
+  plots(rows, folder, env)
+  return True
 
 
 def main(argv=None):
@@ -574,10 +664,18 @@ def main(argv=None):
                       "devices, chunks, long-n; unroll (the trainer at unroll 1 "
                       "to 16, run only when named)")
   parser.add_argument("--repeats", type=int)
+  parser.add_argument("--replot", nargs="+", metavar="DIR",
+                      help="redraw the plots of results folders from their "
+                      "results.json; runs nothing")
   parser.add_argument("--_memprobe", nargs=3, help=argparse.SUPPRESS)
   parser.add_argument("--_devprobe", nargs=3, help=argparse.SUPPRESS)
   parser.add_argument("--_rematprobe", nargs=4, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.replot:
+    for folder in args.replot:
+      done = replot(pathlib.Path(folder))
+      print(f"{folder}: {'plots redrawn' if done else 'no rows of run.py, skipped'}")
+    return 0
   if args._devprobe:
     count, n, reps = (int(v) for v in args._devprobe)
     print(json.dumps(devices_probe(count, n, reps)))
@@ -653,7 +751,7 @@ def main(argv=None):
   (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
   (out / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
   (out / "results.md").write_text(markdown(rows, skipped, env))
-  plots(rows, out)
+  plots(rows, out, env)
   print(markdown(rows, skipped, env))
   return 0
 
