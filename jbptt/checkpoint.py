@@ -266,6 +266,22 @@ def save(directory, state: TrainState, *, info: dict | None = None,
       (the remains of an interrupted save are replaced).
     TypeError: if ``state`` is not a ``TrainState``.
     ValueError: for a bad ``keep`` or an ``info`` that is not JSON-able.
+
+  Examples:
+    >>> import tempfile, jax.numpy as jnp, optax, jbptt, jbptt.checkpoint as jc
+    >>> def step_loss(p, h, x):
+    ...   h = jnp.tanh(p * h + x)
+    ...   return h, jnp.mean(h ** 2)
+    >>> tr = jbptt.trainer(step_loss, optax.sgd(0.1), k1=2, k2=2)
+    >>> xs = jnp.ones((3, 4))
+    >>> state, _ = tr.update(tr.init(jnp.float32(0.5), jnp.zeros(4), xs), xs)
+    >>> folder = tempfile.mkdtemp()
+    >>> _ = jc.save(folder, state, info={"k1": 2})
+    >>> jc.latest_step(folder), jc.read_info(folder)
+    (3, {'k1': 2})
+    >>> back = jc.restore(folder, tr.init(jnp.float32(0.5), jnp.zeros(4), xs))
+    >>> int(back.step), float(back.params) == float(state.params)
+    (3, True)
   """
   if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int)
                            or keep < 1):
@@ -595,6 +611,9 @@ def restore(directory, like: TrainState, *, step: int | None = None,
       incomplete or not jbptt's (or of jbptt before 1.0); one whose leaves,
       shapes, dtypes or ``info`` do not match; the message names what does
       not match.
+
+  Examples:
+    See :func:`save`.
   """
   ocp = _ocp()
   directory = pathlib.Path(directory)

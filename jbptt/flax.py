@@ -202,6 +202,13 @@ def init_linen_cell(module: nn.Module, key, input_shape: tuple[int, ...], *,
 
   Raises:
     TypeError: if ``rngs`` is not a tuple or list of names.
+
+  Examples:
+    >>> import jax, flax.linen as nn, jbptt.flax as jf
+    >>> params, carry = jf.init_linen_cell(nn.GRUCell(4), jax.random.key(0),
+    ...                                    (2, 3))  # (batch, features)
+    >>> list(params), carry.shape
+    (['params'], (2, 4))
   """
   if isinstance(rngs, str) or not all(isinstance(r, str) for r in rngs):
     raise TypeError(f"rngs must be a tuple of rng stream names, got "

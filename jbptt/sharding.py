@@ -45,6 +45,11 @@ def batch_mesh(devices=None, axis_name: str = "batch") -> Mesh:
 
   Raises:
     ValueError: if ``devices`` is empty.
+
+  Examples:
+    >>> import jax, jbptt.sharding as js
+    >>> js.batch_mesh().shape["batch"] == len(jax.devices())
+    True
   """
   devices = jax.devices() if devices is None else list(devices)
   if not devices:
@@ -63,6 +68,23 @@ def shard_batch(tree, mesh: Mesh, *, batch_axis: int = 0):
   Use ``batch_axis=1`` for time-major streams ``(time, batch, ...)`` and
   ``batch_axis=0`` for carries ``(batch, ...)``. With several processes each
   passes its local slice of the batch.
+
+  Args:
+    tree: a pytree of arrays (NumPy or JAX); with several processes, this
+      process's slice of the batch.
+    mesh: a one-axis mesh, e.g. :func:`batch_mesh`'s.
+    batch_axis: the leaves' batch axis.
+
+  Returns:
+    ``tree`` with every leaf a ``jax.Array`` split over ``mesh`` along
+    ``batch_axis`` (the global batch: the local one times the process count).
+
+  Examples:
+    >>> import jax, numpy as np, jbptt.sharding as js
+    >>> mesh = js.batch_mesh()
+    >>> h = js.shard_batch(np.zeros((2 * len(jax.devices()), 5)), mesh)
+    >>> h.sharding.spec[0]
+    'batch'
 
   Raises:
     ValueError: if a leaf has no such axis or its batch does not divide over
@@ -106,5 +128,11 @@ def replicate(tree, mesh: Mesh):
   Returns:
     ``tree`` with every leaf a ``jax.Array`` replicated over ``mesh``
     (``PartitionSpec()``).
+
+  Examples:
+    >>> import jax.numpy as jnp, jbptt.sharding as js
+    >>> params = js.replicate({"W": jnp.ones((3, 3))}, js.batch_mesh())
+    >>> params["W"].sharding.is_fully_replicated
+    True
   """
   return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
