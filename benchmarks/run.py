@@ -355,9 +355,9 @@ def devices_probe(count: int, n: int, repeats: int) -> dict:
           "devices": len(jax.devices())}
 
 
-def devices_case(n: int, repeats: int, progress=None):
+def devices_case(n: int, repeats: int, progress=None, counts=(1, 2, 4)):
   rows = []
-  for count in (1, 2, 4):
+  for count in counts:
     env = dict(os.environ,
                XLA_FLAGS=f"--xla_force_host_platform_device_count={count}")
     out = subprocess.run(
@@ -722,9 +722,11 @@ def main(argv=None):
           skipped.append(("devices case", "it forces host (CPU) devices; this "
                           f"run's device is {device_name()}"))
           continue
-        bar = progress.add_task("devices", total=3)
+        counts = (1, 2) if level == "smoke" else (1, 2, 4)
+        bar = progress.add_task("devices", total=len(counts))
         n_dev = {"smoke": 64, "quick": 256, "full": 1024}[level]
-        rows += devices_case(n_dev, min(repeats, 3), lambda: progress.advance(bar))
+        rows += devices_case(n_dev, min(repeats, 3),
+                             lambda: progress.advance(bar), counts)
         continue
       if group == "chunks":
         bar = progress.add_task("chunks", total=3)

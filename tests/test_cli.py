@@ -1,11 +1,15 @@
-"""The ``jbptt`` command end to end (a subprocess or ``main``), bad input."""
+"""The ``jbptt`` command end to end (``main`` in this process, or a process
+of its own), bad input."""
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -17,7 +21,27 @@ from jbptt._cli import config, experiment, tasks
 from jbptt._cli.main import main, parser
 
 
-def jbptt_cmd(*args, timeout=600):
+class Ran(NamedTuple):
+  returncode: int
+  stdout: str
+  stderr: str
+
+
+def jbptt_cmd(*args):
+  """The command run in this process (``main``), as ``python -m jbptt``
+  would run it: its exit status and what it printed."""
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      status = main(list(args))
+    except SystemExit as e:  # argparse's --help and errors
+      status = e.code
+  return Ran(status, out.getvalue(), err.getvalue())
+
+
+def jbptt_process(*args, timeout=300):
+  """The command in a process of its own (the entry point, process-wide
+  output such as asyncio's logged errors)."""
   return subprocess.run([sys.executable, "-m", "jbptt", *args],
                         capture_output=True, text=True, timeout=timeout,
                         check=False)
@@ -138,7 +162,7 @@ def test_defaults_come_from_run_config():
       None, None, None, config.TRAIN.unroll)
   for command, defaults in [("compare", config.COMPARE),
                             ("train", config.TRAIN)]:
-    r = jbptt_cmd(command, "--help", timeout=120)
+    r = jbptt_cmd(command, "--help")
     text = " ".join(r.stdout.split())
     for option in ("steps", "batch", "hidden", "lr", "cell", "unroll"):
       assert f"(default: {getattr(defaults, option)})" in text, (command, option)
@@ -149,22 +173,21 @@ def test_defaults_come_from_run_config():
 
 
 def test_resume_errors(tmp_path):
-  r = jbptt_cmd("train", "--resume", str(tmp_path / "none"), timeout=120)
+  r = jbptt_cmd("train", "--resume", str(tmp_path / "none"))
   assert r.returncode == 2 and "no checkpoint in" in r.stderr
   out = tmp_path / "run"
   r = jbptt_cmd("train", "--task", "recall", "--k1", "8", "--k2", "8",
                 "--out", str(out), *TINY)
   assert r.returncode == 0, r.stderr
-  r = jbptt_cmd("train", "--resume", str(out), "--k2", "4", "--hidden", "8",
-                timeout=120)
+  r = jbptt_cmd("train", "--resume", str(out), "--k2", "4", "--hidden", "8")
   assert r.returncode == 2
   assert "these differ: --k2 4 (the run has 8)" in r.stderr
-  r = jbptt_cmd("train", "--resume", str(out), "--out", str(tmp_path / "x"),
-                timeout=120)
+  r = jbptt_cmd("train", "--resume", str(out), "--out",
+                str(tmp_path / "x"))
   assert r.returncode == 2 and "leave out --out" in r.stderr
   data = next((out / "checkpoints" / "64" / "state").rglob("d/*"))
   data.write_bytes(b"")  # a damaged checkpoint: refused, with the reason
-  r = jbptt_cmd("train", "--resume", str(out), timeout=120)
+  r = jbptt_process("train", "--resume", str(out))
   assert r.returncode == 2 and "is corrupt or incomplete" in r.stderr
   assert "Traceback" not in r.stderr
 
@@ -189,7 +212,7 @@ def test_train_on_user_data(tmp_path, kind):
 
 
 def test_schedule_diagram():
-  r = jbptt_cmd("schedule", "--n", "10", "--k1", "4", "--k2", "6")
+  r = jbptt_process("schedule", "--n", "10", "--k1", "4", "--k2", "6")
   assert r.returncode == 0, r.stderr
   lines = r.stdout.splitlines()
   rows = [line for line in lines if line.startswith("t=")]
@@ -228,7 +251,7 @@ def test_schedule_losses():
      "invalid choice: 'all'"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message):
-  r = jbptt_cmd(*args, timeout=120)
+  r = jbptt_cmd(*args)
   assert r.returncode == 2
   assert message in r.stderr
   assert "Traceback" not in r.stderr
@@ -244,7 +267,7 @@ def test_bad_text_data(tmp_path, content, message):
   data.write_bytes(content)
   out = tmp_path / "o"
   r = jbptt_cmd("train", "--data", str(data), "--k1", "2", "--k2", "2",
-                "--out", str(out), timeout=120)
+                "--out", str(out))
   assert r.returncode == 2 and message in r.stderr
   assert "Traceback" not in r.stderr
   assert not out.exists() or not any(out.iterdir())
@@ -260,7 +283,7 @@ def test_bad_series_data(tmp_path, content, suffix, message):
   data = tmp_path / f"d{suffix}"
   data.write_text(content)
   r = jbptt_cmd("train", "--data", str(data), "--k1", "2", "--k2", "2",
-                "--out", str(tmp_path / "o"), timeout=120)
+                "--out", str(tmp_path / "o"))
   assert r.returncode == 2 and message in r.stderr, r.stderr
   assert "Traceback" not in r.stderr
 
@@ -268,9 +291,9 @@ def test_bad_series_data(tmp_path, content, suffix, message):
 def test_unwritable_out(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("x")
-  r = jbptt_cmd("compare", "--out", str(blocker), timeout=120)
+  r = jbptt_cmd("compare", "--out", str(blocker))
   assert r.returncode == 2 and "is not a folder" in r.stderr
-  r = jbptt_cmd("compare", "--out", str(blocker / "sub"), timeout=120)
+  r = jbptt_cmd("compare", "--out", str(blocker / "sub"))
   assert r.returncode == 2 and "cannot be written" in r.stderr
   assert "Traceback" not in r.stderr
 

@@ -308,7 +308,8 @@ def test_two_process_checkpoint_on_four(four):
 
 # `jbptt train --distributed` ------------------------------------------------
 
-TRAIN = ["--task", "adding", "--k1", "3", "--k2", "6", "--steps", "120",
+# TBPTT(8, 12) in 6 chunks of 8 steps (a checkpoint after each).
+TRAIN = ["--task", "adding", "--k1", "8", "--k2", "12", "--steps", "48",
          "--batch", "4", "--hidden", "8"]
 
 
@@ -332,8 +333,8 @@ def test_jbptt_train_on_two_processes(tmp_path, cache):
   (want,) = json.loads((tmp_path / "one" / "results.json").read_text())
   two = tmp_path / "two"
   logs = _train_on(2, cache, *TRAIN, "--out", str(two))
-  assert "2 processes, 2 streams each" in logs[0] and "TBPTT(3, 6)" in logs[0]
-  assert "TBPTT(3, 6)" not in logs[1] and "wrote" not in logs[1]
+  assert "2 processes, 2 streams each" in logs[0] and "TBPTT(8, 12)" in logs[0]
+  assert "TBPTT(8, 12)" not in logs[1] and "wrote" not in logs[1]
   (got,) = json.loads((two / "results.json").read_text())
   for key in ("updates", "final_loss", "heldout_loss"):
     assert got[key] == pytest.approx(want[key], rel=1e-5), key
