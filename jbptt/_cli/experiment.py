@@ -437,6 +437,9 @@ def run(
   far); ``resume=(state, progress)`` continues a run from such a point, and
   gives the params an uninterrupted run would have.
 
+  On several JAX processes each feeds its slice of the batch
+  (:class:`Placement`) and the result is every process's, the same.
+
   The result's held-out score is :func:`evaluate`'s on fresh streams of a
   built-in task, :func:`evaluate_split`'s on a user data file's held-out
   part, there in the carried-stream regime whatever ``config.seq_len``.
