@@ -69,6 +69,19 @@ class StoredStates:
       With a policy the steps are linearised one after the other, so only
       what the policy saves is held for the whole window.
 
+  Examples:
+    >>> import jax.numpy as jnp, optax, jbptt
+    >>> def step_loss(p, h, x):
+    ...   h = jnp.tanh(p * h + x)
+    ...   return h, jnp.mean(h ** 2)
+    >>> tr = jbptt.trainer(step_loss, optax.sgd(0.1), k1=2, k2=6,
+    ...                    gradient=jbptt.StoredStates())
+    >>> xs = jnp.ones((10, 3))
+    >>> state, metrics = tr.update(tr.init(jnp.float32(0.5), jnp.zeros(3), xs),
+    ...                            xs)
+    >>> int(metrics.valid.sum())                   # an update every 2 steps
+    5
+
   References:
     Williams & Peng, An Efficient Gradient-Based Algorithm for On-Line
     Training of Recurrent Network Trajectories, Neural Computation, 1990.

@@ -86,6 +86,19 @@ class PackedState(NamedTuple):
   Attributes:
     buffers: one 1-D array per dtype of the state's leaves.
     packing: where each leaf lives (static).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, jbptt
+    >>> def step_loss(p, h, x):
+    ...   h = jnp.tanh(p * h + x)
+    ...   return h, jnp.mean(h ** 2)
+    >>> tr = jbptt.trainer(step_loss, optax.sgd(0.1), k1=2, k2=4)
+    >>> xs = jnp.ones((8, 3))
+    >>> packed = jbptt.pack_state(tr.init(jnp.float32(0.5), jnp.zeros(3), xs))
+    >>> for a in range(0, 8, 2):                   # k1 steps per call
+    ...   packed, metrics = tr.update(packed, xs[a:a + 2])
+    >>> int(packed.unpack().step)
+    8
   """
 
   buffers: tuple[jax.Array, ...]
