@@ -322,15 +322,17 @@ def _check_seq_lengths(seq_lengths, batch_dims):
   return jnp.asarray(seq_lengths)
 
 
-def _cuts(n: int, k: int | None, seq_lengths):
+def _cuts(n: int, k: int | None, seq_lengths, carry, batch_dims, name: str):
   """Where the carry entering step ``t`` (processing order) is held:
-  ``(n,)``, or ``(n,) + batch`` with ``seq_lengths``; ``None`` if nowhere."""
+  ``(n,)``, or ``(n,) + batch`` with ``seq_lengths``; ``None`` if nowhere.
+  Cut per sequence, the ``carry`` must lead with the batch shape."""
   if k is None or k >= n:
     return None
   t = jnp.arange(n)
   cut = (t > 0) & (t % k == 0)
   if seq_lengths is None:
     return cut
+  _check_carry_batch(carry, batch_dims, name)
   t = t.reshape((n,) + (1,) * seq_lengths.ndim)
   return cut.reshape(t.shape) & (t < seq_lengths[None])
 
@@ -364,6 +366,14 @@ def _last_carry(carries, seq_lengths):
                        batch + a.shape[1 + len(batch):])
 
   return tree_map(pick, carries)
+
+
+def _options(layer, return_carry, time_major, reverse, keep_order):
+  """A call's options: each one given, else the layer's attribute."""
+  given = dict(return_carry=return_carry, time_major=time_major,
+               reverse=reverse, keep_order=keep_order)
+  return tuple(getattr(layer, name) if value is None else value
+               for name, value in given.items())
 
 
 def _prepare(inputs, cell, seq_lengths, time_major: bool, reverse: bool):
@@ -500,18 +510,15 @@ class TruncatedRNN(nn.Module):
       The outputs, or ``(carry, outputs)`` with ``return_carry``; with
       ``seq_lengths`` the carry is each sequence's after its last valid step.
     """
-    return_carry = self.return_carry if return_carry is None else return_carry
-    time_major = self.time_major if time_major is None else time_major
-    reverse = self.reverse if reverse is None else reverse
-    keep_order = self.keep_order if keep_order is None else keep_order
+    return_carry, time_major, reverse, keep_order = _options(
+        self, return_carry, time_major, reverse, keep_order)
     inputs, time_axis, batch_dims, seq_lengths, shape = _prepare(
         inputs, self.cell, seq_lengths, time_major, reverse)
     if initial_carry is None:
       key = jax.random.key(0) if init_key is None else init_key
       initial_carry = self.cell.initialize_carry(key, shape)
-    cuts = _cuts(inputs.shape[time_axis], self.k, seq_lengths)
-    if cuts is not None and seq_lengths is not None:
-      _check_carry_batch(initial_carry, batch_dims, "TruncatedRNN")
+    cuts = _cuts(inputs.shape[time_axis], self.k, seq_lengths, initial_carry,
+                 batch_dims, "TruncatedRNN")
     slice_carry = seq_lengths is not None and return_carry
     out_axes = (0, time_axis) if slice_carry else time_axis
     scan = lambda fn, in_axes: nn.scan(
@@ -601,10 +608,8 @@ class NNXTruncatedRNN(nnx.RNN):
     Returns:
       The outputs, or ``(carry, outputs)`` with ``return_carry``.
     """
-    return_carry = self.return_carry if return_carry is None else return_carry
-    time_major = self.time_major if time_major is None else time_major
-    reverse = self.reverse if reverse is None else reverse
-    keep_order = self.keep_order if keep_order is None else keep_order
+    return_carry, time_major, reverse, keep_order = _options(
+        self, return_carry, time_major, reverse, keep_order)
     inputs, time_axis, batch_dims, seq_lengths, shape = _prepare(
         inputs, self.cell, seq_lengths, time_major, reverse)
     if rngs is None:
@@ -613,9 +618,8 @@ class NNXTruncatedRNN(nnx.RNN):
       rngs = rngs.carry.fork()
     if initial_carry is None:
       initial_carry = self.cell.initialize_carry(shape, rngs)
-    cuts = _cuts(inputs.shape[time_axis], self.k, seq_lengths)
-    if cuts is not None and seq_lengths is not None:
-      _check_carry_batch(initial_carry, batch_dims, "NNXTruncatedRNN")
+    cuts = _cuts(inputs.shape[time_axis], self.k, seq_lengths, initial_carry,
+                 batch_dims, "NNXTruncatedRNN")
     slice_carry = seq_lengths is not None and return_carry
     broadcast_rngs = nnx.All(nnx.RngState, self.broadcast_rngs)
     state_axes = nnx.StateAxes({broadcast_rngs: None, **self.state_axes})

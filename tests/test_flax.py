@@ -235,6 +235,15 @@ def run_linen(layer, variables, x, carry, call, *, mask=None, rngs=None,
   return aux, grads
 
 
+def parity_case(shape, call):
+  """The inputs and the call arguments (``seq_lengths`` as an array) of a
+  parity case."""
+  call = dict(call)
+  if "seq_lengths" in call:
+    call["seq_lengths"] = jnp.array(call["seq_lengths"])
+  return inputs(shape), call
+
+
 LINEN_PARITY = [
     # (cell, ctor kwargs, call kwargs, input shape, k)
     ("lstm", {"reverse": True, "keep_order": True}, {"seq_lengths": LENGTHS},
@@ -254,10 +263,7 @@ def linen_cell_of(name):
 
 @pytest.mark.parametrize("name,ctor,call,shape,k", LINEN_PARITY)
 def test_linen_layer_equals_nn_rnn(name, ctor, call, shape, k):
-  x = inputs(shape)
-  call = dict(call)
-  if "seq_lengths" in call:
-    call["seq_lengths"] = jnp.array(call["seq_lengths"])
+  x, call = parity_case(shape, call)
   ours = jf.TruncatedRNN(linen_cell_of(name), k, **ctor)
   flax_rnn = nn.RNN(linen_cell_of(name), **ctor)
   variables = flax_rnn.init(jax.random.key(0), x, **call)
@@ -520,10 +526,7 @@ NNX_PARITY = [
 
 @pytest.mark.parametrize("name,ctor,call,shape,k", NNX_PARITY)
 def test_nnx_layer_equals_nnx_rnn(name, ctor, call, shape, k):
-  x = inputs(shape)
-  call = dict(call)
-  if "seq_lengths" in call:
-    call["seq_lengths"] = jnp.array(call["seq_lengths"])
+  x, call = parity_case(shape, call)
   ours = jf.NNXTruncatedRNN(nnx_cell_of(name), k, **ctor)
   flax_rnn = nnx.RNN(nnx_cell_of(name), **ctor)
   assert_trees_close(plain(nnx.state(ours)), plain(nnx.state(flax_rnn)), 0, 0)
