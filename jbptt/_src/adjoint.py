@@ -87,11 +87,14 @@ def _row(tree, i):
 
 
 def _where_rows(mask, tree):
-  """Zeroes the slots (leading axis) of ``tree`` where ``mask`` is false."""
+  """Zeroes the slots (leading axis) of ``tree`` where ``mask`` is false;
+  a float ``mask`` multiplies them (exactly zero where it is 0)."""
 
   def pick(a):
     m = jnp.reshape(mask, mask.shape + (1,) * (a.ndim - 1))
-    return jnp.where(m, a, jnp.zeros_like(a))
+    if m.dtype == bool:
+      return jnp.where(m, a, jnp.zeros_like(a))
+    return jnp.where(m != 0, a * m.astype(a.dtype), jnp.zeros_like(a))
 
   return tree_map(pick, tree)
 
@@ -176,7 +179,9 @@ def backprop(cell, head, params, hs_prev, xs, resets, keep, seed, *,
     xs: the rows' inputs (leading length ``L``).
     resets: ``None`` or the rows' reset masks.
     keep: boolean ``(L, m)``: whether slot ``m``'s adjoint passes on from
-      row ``i`` to its input state (see :mod:`jbptt._src.layout`).
+      row ``i`` to its input state (see :mod:`jbptt._src.layout`); or a
+      float ``(L, m)``: the multiplier with which it passes on (0: not at
+      all; :mod:`jbptt._src.truncation`).
     seed: ``(L, m)`` cotangents of the rows' totals, per slot.
     remat: ``None`` or a ``jax.checkpoint`` policy: with one, the steps are
       linearised one after the other keeping what the policy saves, and the

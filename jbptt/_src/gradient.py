@@ -37,14 +37,31 @@ class Recompute:
       ``jax.checkpoint_policies.nothing_saveable`` (keep only each step's
       inputs) or ``dots_saveable`` (also keep matmul outputs); the rest is
       recomputed in the backward pass. Values and gradients are the same.
+    burn_in: ``b``, a non-negative int. Before an update of
+      :func:`jbptt.trainer` re-runs its window, the window's start state is
+      refreshed: the ``b`` stream steps before it are run again from their
+      stored state with the current params, under ``stop_gradient`` and
+      injecting no loss (R2D2's burn-in; steps before the stream's start
+      are not run, resets apply). The stream's own carry is not changed.
+      ``0`` (the default) re-runs from the stored state itself. With fixed
+      params (:func:`jbptt.truncated_loss`) the refreshed state is the
+      stored one, so ``burn_in`` changes nothing there.
 
   Examples:
     >>> import jax, jbptt
     >>> jbptt.Recompute(remat=jax.checkpoint_policies.nothing_saveable)
-    Recompute(remat=<function nothing_saveable at ...>)
+    Recompute(remat=<function nothing_saveable at ...>, burn_in=0)
+    >>> jbptt.Recompute(burn_in=16).burn_in
+    16
+
+  References:
+    Kapturowski, Ostrovski, Quan, Munos & Dabney, `Recurrent Experience
+    Replay in Distributed Reinforcement Learning
+    <https://openreview.net/forum?id=r1lyTjAqYX>`_, ICLR 2019 (burn-in).
   """
 
   remat: Callable | None = None
+  burn_in: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +123,12 @@ def check_gradient(gradient, allowed=STRATEGIES):
         "jax.checkpoint policy (a callable such as "
         f"jax.checkpoint_policies.nothing_saveable), got remat={remat!r}."
     )
+  burn_in = getattr(gradient, "burn_in", 0)
+  if (isinstance(burn_in, (bool, np.bool_))
+      or not isinstance(burn_in, (int, np.integer)) or burn_in < 0):
+    raise ValueError(
+        "Recompute(burn_in=...) must be a non-negative int (stream steps "
+        f"re-run before each window), got burn_in={burn_in!r}.")
   return gradient
 
 

@@ -38,6 +38,16 @@ def num_slots(n: int, k1: int, k2: int) -> int:
   return max(1, int((ends_before - first).max()))
 
 
+def slot_windows(n: int, k1: int, m: int):
+  """``(w, t)``: int ``(n, m)`` arrays, the window slot ``c`` holds at step
+  ``i + 1`` (row ``i``) and the step at which it ends."""
+  step = jnp.arange(1, n + 1)[:, None]
+  slot = jnp.arange(m)[None, :]
+  first = (step - 1) // k1
+  w = first + jnp.mod(slot - first, m)
+  return w, jnp.minimum((w + 1) * k1, n)
+
+
 def slot_tables(n: int, k1: int, k2: int, losses: str, m: int):
   """``(keep, seed)``: boolean ``(n, m)`` arrays, made on the device.
 
@@ -48,10 +58,8 @@ def slot_tables(n: int, k1: int, k2: int, losses: str, m: int):
   ``i + 1``.
   """
   step = jnp.arange(1, n + 1)[:, None]
-  slot = jnp.arange(m)[None, :]
   first = (step - 1) // k1
-  w = first + jnp.mod(slot - first, m)  # the window of slot c at this step
-  t = jnp.minimum((w + 1) * k1, n)
+  w, t = slot_windows(n, k1, m)
   s = jnp.maximum(0, t - k2)
   active = (w < num_windows(n, k1)) & (s < step) & (step <= t)
   keep = active & (step > s + 1)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jbptt._src import gradient
+from jbptt._src import gradient, truncation
 
 tree_map = jax.tree_util.tree_map
 
@@ -95,6 +95,7 @@ def segment_loss(
     inject: np.ndarray,
     remat=None,
     unroll: int | bool = 1,
+    scale=None,
 ):
   """Runs one truncated window; returns its injected totals and weights.
 
@@ -114,6 +115,9 @@ def segment_loss(
     inject: a static boolean ``(L,)``: the step losses that count.
     remat: ``None`` or a ``jax.checkpoint`` policy for each step.
     unroll: steps per iteration of the scan, passed to ``lax.scan``.
+    scale: ``None`` or a float ``(L,)``: the multiplier of the cotangent of
+      the carry entering each step (:mod:`jbptt._src.truncation`); only the
+      steps after the first ``n_own + 1`` use theirs.
 
   Returns:
     ``(total, weight, final_carry)``: the sums of the counted steps' totals
@@ -134,7 +138,15 @@ def segment_loss(
         h = lax.stop_gradient(h)
       return cell(p, h, *inp)
 
-    return lax.scan(body, h, _slice(inputs, start, stop), unroll=unroll)
+    if cut_each or scale is None:
+      return lax.scan(body, h, _slice(inputs, start, stop), unroll=unroll)
+
+    def scaled_body(h, inp):
+      inp, m = inp
+      return body(truncation.scale_cotangent(h, m), inp)
+
+    return lax.scan(scaled_body, h, (_slice(inputs, start, stop),
+                                     scale[start:stop]), unroll=unroll)
 
   h = lax.stop_gradient(carry)
   outs = []

@@ -8,6 +8,7 @@ import numpy as np
 from jax import lax
 
 from jbptt._src import adjoint, checks, layout, segment, semantics, steps
+from jbptt._src import truncation
 from jbptt._src import gradient as strategies
 
 tree_map = jax.tree_util.tree_map
@@ -27,8 +28,16 @@ def _take(tree, idx):
   return tree_map(lambda a: a[idx], tree)
 
 
+def _scales(mult, t, start, length):
+  """The multipliers of the carries entering steps ``start+1 ..
+  start+length`` in the update ending at ``t``; ``None`` for an int k2."""
+  if mult is None:
+    return None
+  return mult(t, t - start - jnp.arange(length))
+
+
 def _chunked(split, params, carry, xs, resets, h0, n, k1, k2, losses, remat,
-             unroll):
+             unroll, mult):
   """k1 >= k2: consecutive chunks, one scan, cost of plain BPTT."""
   q = n // k1
   total, weight = 0.0, 0.0
@@ -42,17 +51,18 @@ def _chunked(split, params, carry, xs, resets, h0, n, k1, k2, losses, remat,
     n_own = k1 - k2
 
     def chunk(h, inp):
-      xc, rc = inp
+      xc, rc, i = inp
       total, weight, h_end = segment.segment_loss(
           split, params, h, xc, rc, None, h0, n_own=n_own, inject=inject,
           remat=remat, unroll=unroll,
+          scale=_scales(mult, (i + 1) * k1, i * k1, k1),
       )
       return h_end, (total, weight, h)
 
     fold = lambda a: jnp.reshape(a[: q * k1], (q, k1) + a.shape[1:])
     rs = None if resets is None else fold(resets)
     h, (totals, weights, starts) = lax.scan(
-        chunk, h, (tree_map(fold, xs), rs))
+        chunk, h, (tree_map(fold, xs), rs, jnp.arange(q)))
     total, weight = jnp.sum(totals), jnp.sum(weights)
     if n % k1 and b_tail < t_prev:
       h = tree_map(lambda a: a[b_tail // k1], starts)
@@ -63,14 +73,14 @@ def _chunked(split, params, carry, xs, resets, h0, n, k1, k2, losses, remat,
         split, params, h, _take(xs, slice(b_tail, n)), rs, None, h0,
         n_own=_n_own(n, k2, b_tail),
         inject=inject_mask(b_tail, n - b_tail, taus), remat=remat,
-        unroll=unroll,
+        unroll=unroll, scale=_scales(mult, n, b_tail, n - b_tail),
     )
     total, weight = total + tail_total, weight + tail_weight
   return total, weight, h
 
 
 def _overlapping(split, params, carry, xs, resets, h0, n, k1, k2, losses,
-                 remat, unroll):
+                 remat, unroll, mult):
   """k1 < k2: one forward pass, then every window's adjoint in one pass.
 
   With fixed params all overlapping windows run through the same states, so
@@ -96,29 +106,35 @@ def _overlapping(split, params, carry, xs, resets, h0, n, k1, k2, losses,
     return (total, weight, h), hs
 
   @jax.custom_vjp
-  def total_loss(params, carry, xs, resets, h0):
+  def total_loss(params, carry, xs, resets, h0, scale):
     return run(params, carry, xs, resets, h0)[0]
 
-  def fwd(params, carry, xs, resets, h0):
+  def fwd(params, carry, xs, resets, h0, scale):
     out, hs = run(params, carry, xs, resets, h0)
-    return out, (params, carry, xs, resets, h0, hs)
+    return out, (params, carry, xs, resets, h0, scale, hs)
 
   def bwd(res, cts):
-    params, carry, xs, resets, h0, hs = res
+    params, carry, xs, resets, h0, scale, hs = res
     g = cts[0]
     hs_prev = tree_map(
         lambda a, b: jnp.concatenate([a[None], b[:-1]]), carry, hs
     )
     keep, seed = layout.slot_tables(n, k1, k2, losses, m)
+    if scale is not None:
+      keep = jnp.where(keep, scale, 0.0)
     d_params, d_xs, _ = adjoint.backprop(
         lambda p, h, x, r: cell(p, h, x, r, h0), split.head, params, hs_prev,
         xs, resets, keep, seed.astype(g.dtype) * g, remat=remat,
         unroll=unroll,
     )
-    return d_params, None, d_xs, None, None
+    return d_params, None, d_xs, None, None, None
 
   total_loss.defvjp(fwd, bwd)
-  return total_loss(params, carry, xs, resets, h0)
+  scale = None
+  if mult is not None:  # row i passes its adjoint on to h_i
+    t = layout.slot_windows(n, k1, m)[1]
+    scale = mult(t, t - jnp.arange(n)[:, None])
+  return total_loss(params, carry, xs, resets, h0, scale)
 
 
 def weighted_mean(total, weight):
@@ -213,12 +229,16 @@ def truncated_loss(
     Williams & Peng, An Efficient Gradient-Based Algorithm for On-Line
     Training of Recurrent Network Trajectories, Neural Computation, 1990.
   """
-  k1, k2, losses = semantics.check_config(k1, k2, losses)
+  rule = truncation.check_k2(k2)
+  k1, k2, losses = semantics.check_config(k1, truncation.reach(rule), losses)
+  truncation.check_losses(rule, losses)
   remat = _check_strategy(gradient).remat
   unroll = _check_unroll(unroll)
   split = steps.split(step_loss)
 
-  def loss_fn(params, carry, xs, *, resets=None, initial_carry=None):
+  def loss_fn(params, carry, xs, *, resets=None, initial_carry=None,
+              key=None):
+    check_key(rule, key)
     n = checks.time_length(xs)
     carry = checks.as_arrays(carry)
     h0 = carry if initial_carry is None else checks.as_arrays(initial_carry)
@@ -233,12 +253,73 @@ def truncated_loss(
       )
     if resets is not None:
       resets = checks.check_resets(resets, n, carry)
+    mult = None
+    if isinstance(rule, truncation.RULES):
+      aux = key if isinstance(rule, truncation.Randomized) else adaptive_k2(
+          split, rule, params, carry, xs, resets, h0, n, k1)
+      mult = lambda t, d: truncation.multipliers(rule, aux, t, d)
     path = _chunked if k1 >= k2 else _overlapping
     total, weight, final = path(split, params, carry, xs, resets, h0, n, k1,
-                                k2, losses, remat, unroll)
+                                k2, losses, remat, unroll, mult)
     return weighted_mean(total, weight), lax.stop_gradient(final)
 
   return loss_fn
+
+
+def check_key(rule, key):
+  """A PRNG key for :class:`jbptt.Randomized`, none for the others."""
+  randomized = isinstance(rule, truncation.Randomized)
+  if randomized and key is None:
+    raise ValueError(
+        f"k2={rule!r} draws its truncation points from a PRNG key: pass "
+        "key=jax.random.key(...) (or a jax.random.PRNGKey).")
+  if not randomized and key is not None:
+    raise ValueError(
+        f"key= is only used by k2=jbptt.Randomized(...); k2={rule!r} draws "
+        "nothing, so pass no key.")
+  if randomized:
+    dtype = getattr(key, "dtype", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(
+        dtype, jax.dtypes.prng_key)
+    raw = dtype == jnp.uint32 and jnp.shape(key) == (2,)
+    if not (typed and jnp.shape(key) == ()) and not raw:
+      raise ValueError(
+          "key must be one PRNG key (jax.random.key(seed) or "
+          f"jax.random.PRNGKey(seed)), got {key!r}.")
+
+
+def adaptive_k2(split, rule, params, carry, xs, resets, h0, n, k1):
+  """The :class:`jbptt.Adaptive` choice for a whole sequence (int32): from
+  the mean per-lag norms of the losses at the ends of its updates."""
+  big = rule.choices[-1]
+  _, hs = segment.forward(split.cell, params, carry, xs, resets, h0)
+  hs = _concat_first(carry, hs)  # hs[s] = h_s, s = 0..n
+  pad = lambda a: jnp.concatenate([jnp.repeat(a[:1], big, axis=0), a])
+  xp = tree_map(pad, xs)
+  rp = None if resets is None else jnp.concatenate(
+      [jnp.zeros((big,) + resets.shape[1:], bool), resets])
+  ends = jnp.asarray(semantics.update_ends(n, k1))
+  rows = jnp.arange(big)
+
+  def norms_at(t):
+    window = lambda tree: tree_map(
+        lambda a: lax.dynamic_slice_in_dim(a, t, big), tree)
+    start = tree_map(lambda a: a[jnp.maximum(t - big, 0)], hs)
+    valid = t - big + 1 + rows >= 1
+    norms = truncation.window_norms(
+        split.cell, params, start, window(xp),
+        None if rp is None else window(rp), valid, h0, split.head)
+    return norms, t - (big - rows) >= 0  # row i is the lag big - i
+
+  norms, ok = lax.map(norms_at, ends)
+  count = jnp.sum(ok, axis=0)
+  mean = jnp.sum(jnp.where(ok, norms, 0.0), axis=0) / jnp.maximum(count, 1)
+  return truncation.choose(
+      rule, truncation.decay_rate(mean, big - rows, count > 0))
+
+
+def _concat_first(first, rest):
+  return tree_map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
 
 
 def _check_strategy(strategy):
