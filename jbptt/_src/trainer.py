@@ -14,6 +14,7 @@ import optax
 from jax import lax
 
 from jbptt._src import adjoint, checks, packing, segment, semantics, steps
+from jbptt._src import truncation
 from jbptt._src import gradient as strategies
 from jbptt._src import truncated_loss as tl
 
@@ -28,14 +29,16 @@ class History(NamedTuple):
   """What the stream keeps between calls of ``update``.
 
   Attributes:
-    xs: the last ``L - 1`` inputs (``L = max(k1, k2)``), oldest first.
+    xs: the last ``L - 1`` inputs, oldest first (``L``, the window re-run
+      or backpropagated at each update: ``max(k1, K) + burn_in``, ``K`` the
+      reach of ``k2``).
     resets: the matching reset masks; ``None`` for a stream declared without
       resets (then no step of an update selects between carries).
     anchor: the stream's carry after the last update.
-    starts: for ``k1 < k2``, stored stream carries (leading axis): with
-      :class:`jbptt.Recompute` those after steps ``t - k2`` of the next
-      ``ceil(k2 / k1) - 1`` updates, with :class:`jbptt.StoredStates` the
-      last ``k2 - k1`` carries before the anchor; ``None`` for ``k1 >= k2``.
+    starts: for ``L > k1``, stored stream carries (leading axis): with
+      :class:`jbptt.Recompute` those after steps ``t - L`` of the next
+      ``ceil(L / k1) - 1`` updates, with :class:`jbptt.StoredStates` the
+      last ``K - k1`` carries before the anchor; ``None`` for ``L = k1``.
   """
 
   xs: Any
@@ -54,7 +57,7 @@ class Signature:
   """
 
   k1: int
-  k2: int
+  k2: Any  # an int, or a jbptt.Randomized / jbptt.Adaptive
   losses: str
   gradient: Any
   resets: tuple[int, ...] | None  # the per-step reset shape, if declared
@@ -79,6 +82,9 @@ class TrainState(NamedTuple):
     initial_carry: the carry that a reset restores.
     step: how many stream steps have been fed (int32).
     history: the buffers of the pending window (:class:`History`).
+    truncation: what the ``k2`` rule keeps: ``None`` for an int, the PRNG
+      key's data (``uint32``) for :class:`jbptt.Randomized`, a
+      ``jbptt.AdaptiveState(k2, beta)`` for :class:`jbptt.Adaptive`.
     signature: the trainer's configuration (static: no leaves).
   """
 
@@ -88,6 +94,7 @@ class TrainState(NamedTuple):
   initial_carry: Any
   step: jax.Array
   history: History
+  truncation: Any
   signature: Signature
 
 
@@ -110,6 +117,9 @@ class Metrics(NamedTuple):
     valid: whether an update ended in this slot.
     skipped: whether its gradient was not finite, so that it was not applied
       (``optax.apply_if_finite``: params and inner optimizer state kept).
+    k2: how far the update backpropagated (int32): ``k2`` for an int; the
+      choice for :class:`jbptt.Adaptive`; for :class:`jbptt.Randomized` the
+      distance of the first truncation point drawn (at most ``max``).
   """
 
   loss: jax.Array
@@ -117,6 +127,7 @@ class Metrics(NamedTuple):
   grad_norm: jax.Array
   valid: jax.Array
   skipped: jax.Array
+  k2: jax.Array
 
 
 class Trainer(NamedTuple):
@@ -154,15 +165,15 @@ class Layout(NamedTuple):
   """The static shape of a trainer's windows.
 
   Attributes:
-    k1, k2, losses: the configuration.
+    k1, k2, losses: the configuration (``k2``: the reach ``K``, an int).
     length: the window re-run or backpropagated at each update,
-      ``max(k1, k2)``.
-    n_own: the window's leading steps that see only their own step,
-      ``max(0, k1 - k2)``.
+      ``max(k1, k2) + burn_in``.
+    n_own: the window's leading steps that see only their own step (or,
+      the first ``burn_in``, none), ``max(0, k1 - k2) + burn_in``.
     n_starts: the stored start states (see :class:`History`).
     offset: where, in the ``k1`` new steps, a future window starts.
     inject: a boolean ``(length,)``: the steps whose losses an update injects.
-    overlap: ``k1 < k2``.
+    overlap: ``length > k1``: the window starts before the last update.
     stored: backpropagate through stored states (``k1 < k2`` only).
   """
 
@@ -178,21 +189,25 @@ class Layout(NamedTuple):
   stored: bool
 
 
-def window_layout(k1: int, k2: int, losses: str, stored: bool) -> Layout:
-  """The :class:`Layout` of TBPTT(k1, k2) in a stream."""
-  overlap = k1 < k2
-  stored = stored and overlap
-  length = k2 if overlap else k1
+def window_layout(k1: int, k2: int, losses: str, stored: bool,
+                  burn_in: int = 0) -> Layout:
+  """The :class:`Layout` of TBPTT(k1, k2) in a stream (``burn_in`` steps
+  re-run before each window, :class:`jbptt.Recompute` only)."""
+  stored = stored and k1 < k2
+  base = max(k1, k2)
+  length = base + burn_in
+  overlap = length > k1
   if not overlap:
     n_starts = 0
   elif stored:
     n_starts = k2 - k1
   else:
-    n_starts = math.ceil(k2 / k1) - 1
-  taus = [tau for tau, _ in semantics.injected(length, length - k1, k2,
-                                                losses)]
-  return Layout(k1, k2, losses, length, max(0, k1 - k2), n_starts,
-                (-k2) % k1, tl.inject_mask(0, length, taus), overlap, stored)
+    n_starts = math.ceil(length / k1) - 1
+  taus = [tau for tau, _ in semantics.injected(base, base - k1, k2, losses)]
+  inject = np.concatenate([np.zeros(burn_in, bool),
+                           tl.inject_mask(0, base, taus)])
+  return Layout(k1, k2, losses, length, max(0, k1 - k2) + burn_in, n_starts,
+                (-length) % k1, inject, overlap, stored)
 
 
 def _concat(a, b):
@@ -240,12 +255,15 @@ def _valid(lay: Layout, t):
 
 
 def recomputed_window(split, lay, remat, unroll, h0, params, anchor, starts,
-                      wx, wr, t):
+                      wx, wr, t, truncate):
   """:class:`jbptt.Recompute`: the window re-run from its stored start.
 
-  Returns ``((total, weight), grads, h_end, starts)``: the sums of the
+  ``truncate(start, wx, wr, valid, t) -> (scale, info)`` gives the
+  multipliers of the window's carries (``None`` for an int k2).
+
+  Returns ``((total, weight), grads, h_end, starts, info)``: the sums of the
   injected totals and weights, the gradient of the total, the stream's carry
-  after the window, and the updated stored starts.
+  after the window, the updated stored starts and ``truncate``'s info.
   """
   if lay.overlap:
     valid = _valid(lay, t)
@@ -261,21 +279,22 @@ def recomputed_window(split, lay, remat, unroll, h0, params, anchor, starts,
     starts = tree_map(lambda a: a[1:], queue)
   else:
     valid, start = None, anchor
+  scale, info = truncate(start, wx, wr, valid, t)
 
   def objective(p):
     total, weight, h = segment.segment_loss(
         split, p, start, wx, wr, valid, h0, n_own=lay.n_own,
-        inject=lay.inject, remat=remat, unroll=unroll,
+        inject=lay.inject, remat=remat, unroll=unroll, scale=scale,
     )
     return total, (weight, h)
 
   (total, (weight, h)), grads = jax.value_and_grad(objective, has_aux=True)(
       params)
-  return (total, weight), grads, (h_end if lay.overlap else h), starts
+  return (total, weight), grads, (h_end if lay.overlap else h), starts, info
 
 
 def stored_window(split, lay, remat, unroll, h0, params, anchor, starts, wx,
-                  wr, t):
+                  wr, t, truncate):
   """:class:`jbptt.StoredStates`: backpropagation through stored states.
 
   Returns what :func:`recomputed_window` returns.
@@ -288,6 +307,9 @@ def stored_window(split, lay, remat, unroll, h0, params, anchor, starts, wx,
                  tree_map(lambda a: a[:-1], hs))
   mask = jnp.asarray(lay.inject) & valid
   keep = jnp.concatenate([jnp.zeros((1,), bool), valid[:-1]])
+  scale, info = truncate(tree_map(lambda a: a[0], prev), wx, wr, valid, t)
+  if scale is not None:
+    keep = jnp.where(keep, scale, 0.0)
   grads, _, (totals, weights) = adjoint.backprop(
       lambda p, h, x, r: segment.masked_step(split.cell, p, h, x, r, None, h0),
       split.head, params, prev, wx, wr, keep[:, None], mask[:, None],
@@ -295,7 +317,45 @@ def stored_window(split, lay, remat, unroll, h0, params, anchor, starts, wx,
   )
   total = jnp.sum(jnp.where(mask, totals, jnp.zeros_like(totals)))
   weight = jnp.sum(jnp.where(mask, weights, jnp.zeros_like(weights)))
-  return (total, weight), grads, h_end, tree_map(lambda a: a[lay.k1:], prev)
+  return ((total, weight), grads, h_end, tree_map(lambda a: a[lay.k1:], prev),
+          info)
+
+
+def rule_truncate(split, lay, rule, h0, params, kept):
+  """``truncate(start, wx, wr, valid, t)`` of one update for ``k2 = rule``
+  (see :func:`recomputed_window`): ``(scale, (kept, k2_used))``, ``kept``
+  the state of the rule (:attr:`TrainState.truncation`) after the update."""
+  distance = lay.length - jnp.arange(lay.length)  # of each entering carry
+
+  def truncate(start, wx, wr, valid, t):
+    if not isinstance(rule, truncation.RULES):
+      return None, (kept, jnp.int32(rule))
+    if isinstance(rule, truncation.Randomized):
+      return (truncation.multipliers(rule, kept, t, distance),
+              (kept, truncation.realized(rule, kept, t)))
+    due = ((t // lay.k1) - 1) % rule.every == 0
+    new = lax.cond(
+        due, lambda: _estimate(split, lay, rule, h0, params, start, wx, wr,
+                               valid, t, kept),
+        lambda: kept)
+    return truncation.multipliers(rule, new.k2, t, distance), (new, new.k2)
+
+  return truncate
+
+
+def _estimate(split, lay, rule, h0, params, start, wx, wr, valid, t, old):
+  """:class:`jbptt.Adaptive`'s estimate from the window of the update ending
+  at ``t``: its last loss's norms at lags ``1..K`` (re-run from the window's
+  start with the current params), their decay rate and the choice."""
+  norms = truncation.window_norms(split.cell, params, start, wx, wr, valid,
+                                  h0, split.head)
+  lags = lay.length - jnp.arange(lay.length)
+  log_beta = truncation.decay_rate(norms, lags,
+                                   (lags <= lay.k2) & (t - lags >= 0))
+  known = ~jnp.isnan(log_beta)
+  return truncation.AdaptiveState(
+      jnp.where(known, truncation.choose(rule, log_beta), old.k2),
+      jnp.where(known, jnp.exp(log_beta), old.beta).astype(old.beta.dtype))
 
 
 def optimizer_step(optimizer, params, opt_state, grads, weight):
@@ -355,7 +415,7 @@ def capacity(m: int, k1: int) -> int:
   return k1 * (1 << (slots - 1).bit_length())
 
 
-def _update(step_loss, split, optimizer, lay, remat, unroll, state, xs,
+def _update(step_loss, split, optimizer, lay, rule, remat, unroll, state, xs,
             resets, m):
   """One call of ``update``, traced: the loop over the chunk's updates.
 
@@ -396,13 +456,15 @@ def _update(step_loss, split, optimizer, lay, remat, unroll, state, xs,
   window = stored_window if lay.stored else recomputed_window
 
   def run_update(carry, j):
-    params, opt_state, anchor, starts = carry
+    params, opt_state, anchor, starts, kept = carry
     first = j * lay.k1 - pending - 1  # index of the window's first step
     t = t0 - pending + j * lay.k1  # the update's end, a stream step
     wx = _dslice(all_x, first, lay.length)
     wr = None if all_r is None else _dslice(all_r, first, lay.length)
-    (total, weight), grads, h_end, starts = window(
-        split, lay, remat, unroll, h0, params, anchor, starts, wx, wr, t)
+    truncate = rule_truncate(split, lay, rule, h0, params, kept)
+    (total, weight), grads, h_end, starts, (kept, k2) = window(
+        split, lay, remat, unroll, h0, params, anchor, starts, wx, wr, t,
+        truncate)
     grads = tree_map(lambda g: g * (1 / jnp.where(weight > 0, weight, 1))
                      .astype(g.dtype), grads)
     new_params, new_opt = optimizer_step(optimizer, params, opt_state, grads,
@@ -413,10 +475,12 @@ def _update(step_loss, split, optimizer, lay, remat, unroll, state, xs,
         grad_norm=optax.tree.norm(grads),
         valid=jnp.array(True),
         skipped=(weight > 0) & ~new_opt.last_finite,
+        k2=k2,
     )
-    return (new_params, new_opt, h_end, starts), metrics
+    return (new_params, new_opt, h_end, starts, kept), metrics
 
-  init_carry = (state.params, state.opt_state, hist.anchor, hist.starts)
+  init_carry = (state.params, state.opt_state, hist.anchor, hist.starts,
+                state.truncation)
   shapes = jax.eval_shape(run_update, init_carry, 1)[1]
   n_slots = (lay.k1 - 1 + cap) // lay.k1
   empty = tree_map(lambda s: jnp.zeros((n_slots,) + s.shape, s.dtype), shapes)
@@ -429,7 +493,7 @@ def _update(step_loss, split, optimizer, lay, remat, unroll, state, xs,
         table, metrics)
     return inner, table
 
-  (params, opt_state, anchor, starts), metrics = lax.fori_loop(
+  (params, opt_state, anchor, starts, kept), metrics = lax.fori_loop(
       1, n_updates + 1, body, (init_carry, empty))
   if lay.k1 == 1:  # no steps after the last update
     carry = anchor
@@ -448,7 +512,7 @@ def _update(step_loss, split, optimizer, lay, remat, unroll, state, xs,
       starts=starts,
   )
   new_state = TrainState(params, opt_state, carry, h0, t0 + m, history,
-                         state.signature)
+                         kept, state.signature)
   # Exactly the structure, shapes and dtypes it was given.
   new_state = tree_map(lambda a, b: jnp.asarray(a, jnp.result_type(b)),
                        new_state, state)
@@ -559,7 +623,10 @@ def trainer(
     Williams & Peng, An Efficient Gradient-Based Algorithm for On-Line
     Training of Recurrent Network Trajectories, Neural Computation, 1990.
   """
-  k1, k2, losses = semantics.check_config(k1, k2, losses)
+  rule = truncation.check_k2(k2)
+  k1, reach, losses = semantics.check_config(k1, truncation.reach(rule),
+                                             losses)
+  truncation.check_losses(rule, losses)
   gradient = strategies.check_gradient(gradient)
   unroll = strategies.check_unroll(unroll)
   if not isinstance(optimizer, optax.GradientTransformation) and not (
@@ -570,14 +637,16 @@ def trainer(
         f"{type(optimizer).__name__}."
     )
   safe = optax.apply_if_finite(optimizer, max_consecutive_errors=_NEVER)
-  lay = window_layout(k1, k2, losses,
-                      isinstance(gradient, strategies.StoredStates))
+  lay = window_layout(k1, reach, losses,
+                      isinstance(gradient, strategies.StoredStates),
+                      getattr(gradient, "burn_in", 0))
   split = steps.split(step_loss)
 
   def signature(reset_shape):
-    return Signature(k1, k2, losses, gradient, reset_shape)
+    return Signature(k1, rule, losses, gradient, reset_shape)
 
-  def init(params, carry, xs, resets=None) -> TrainState:
+  def init(params, carry, xs, resets=None, *, key=None) -> TrainState:
+    tl.check_key(rule, key)
     params, carry = _strong(params), _strong(checks.as_arrays(carry))
     checks.time_length(xs)
     x_step = _per_step(xs)
@@ -593,12 +662,13 @@ def trainer(
         initial_carry=tree_map(jnp.copy, carry),
         step=jnp.zeros((), jnp.int32),
         history=new_history(lay, carry, x_step, reset_shape),
+        truncation=_rule_state(rule, key),
         signature=signature(reset_shape),
     )
 
   def run(state, xs, resets, m):
-    return _update(step_loss, split, safe, lay, gradient.remat, unroll, state,
-                   xs, resets, m)
+    return _update(step_loss, split, safe, lay, rule, gradient.remat, unroll,
+                   state, xs, resets, m)
 
   def run_packed(state, xs, resets, m):
     new_state, metrics = run(
@@ -666,6 +736,18 @@ def trainer(
     return run(state, _padded(xs, m, cap), _padded(resets, m, cap), m)
 
   return Trainer(init=init, update=update)
+
+
+def _rule_state(rule, key):
+  """The initial :attr:`TrainState.truncation` of ``k2 = rule``."""
+  if isinstance(rule, truncation.Randomized):
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+      key = jax.random.key_data(key)
+    return jnp.array(key, jnp.uint32)
+  if isinstance(rule, truncation.Adaptive):
+    return truncation.AdaptiveState(jnp.int32(rule.choices[-1]),
+                                    jnp.float32(jnp.nan))
+  return None
 
 
 def _layout_key(state, xs, resets):
