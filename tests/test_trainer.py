@@ -104,7 +104,8 @@ def test_metrics_layout(params):
   state = tr.init(params, carry0(), data(8))
 
   def check(m, valid):
-    assert m._fields == ("loss", "weight", "grad_norm", "valid", "skipped")
+    assert m._fields == ("loss", "weight", "grad_norm", "valid", "skipped",
+                         "k2")
     assert all(a.shape == (len(valid),) for a in m)
     assert m.valid.tolist() == valid
     assert m.skipped.dtype == bool and not bool(jnp.any(m.skipped))
