@@ -7,14 +7,18 @@ from jbptt._src.semantics import Update, schedule
 from jbptt._src.steps import CellLoss, WeightedLoss, cell_loss
 from jbptt._src.trainer import Metrics, Trainer, TrainState, capacity, trainer
 from jbptt._src.truncated_loss import truncated_loss
+from jbptt._src.truncation import Adaptive, AdaptiveState, Randomized
 from jbptt._src.unroll import truncated_unroll
 
 __version__ = "1.0.0"
 
 __all__ = (
+    "Adaptive",
+    "AdaptiveState",
     "CellLoss",
     "Metrics",
     "PackedState",
+    "Randomized",
     "Recompute",
     "StoredStates",
     "TrainState",

@@ -225,3 +225,182 @@ def train_stored(step_loss, optimizer, params, carry, xs, k1, k2, policy="new",
     params, opt_state = _step(optimizer, params, opt_state, grad, weight)
     losses.append(total / weight if weight else 0.0)
   return params, losses, hs[n]
+
+
+# Truncation rules (k2 as a rule): multipliers on the carry's cotangent ------
+#
+# The update ending at t is TBPTT(k1, K) (K the rule's reach) except that the
+# cotangent passing back from step j + 1 into h_j (distance d = t - j,
+# 1 <= d < K) is multiplied by mult(t, d); a loss's own step is never scaled,
+# and mult(t, d) = 0 is a truncation point.
+
+
+@jax.jit
+def _artbp_uniform(key, t, d):
+  return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, t), d))
+
+
+def artbp_multiplier(key, mean, max_, t, d):
+  """m_t(d) of Randomized(mean, max_) (ARTBP), a Python float, from the
+  formula: c = 1 / mean; u = uniform(fold_in(fold_in(key, t), d)) with t, d
+  int32 scalars; 0 if u < c, else 1 / (1 - c); and 0 for d >= max_."""
+  if d >= max_:
+    return 0.0
+  c = 1.0 / mean
+  u = float(_artbp_uniform(key, jnp.int32(t), jnp.int32(d)))
+  return 0.0 if u < c else 1.0 / (1.0 - c)
+
+
+def artbp_mult(key, mean, max_):
+  """``mult(t, d)`` of Randomized(mean, max_) with ``key``, memoised."""
+  memo = {}
+
+  def mult(t, d):
+    if (t, d) not in memo:
+      memo[(t, d)] = artbp_multiplier(key, mean, max_, t, d)
+    return memo[(t, d)]
+
+  return mult
+
+
+def artbp_realized(mult, t, max_):
+  """The distance of the first truncation point of the update ending at t
+  (at most max_)."""
+  for d in range(1, max_):
+    if mult(t, d) == 0:
+      return d
+  return max_
+
+
+def _scaled_walk(step_loss, params, states, base, xs, resets, h0, tau, s,
+                 scale):
+  """((total, weight), d total / d params) of loss_tau backpropagated to h_s
+  (held constant) by explicit per-step VJPs at ``states`` (``states[i]`` is
+  the state after step ``base + i``). ``scale(j)`` (or None) multiplies the
+  carry cotangent passing from step j + 1 into h_j, for j > s."""
+  lam = tree_map(jnp.zeros_like, states[0])
+  grad, value = None, None
+  for j in range(tau, s, -1):  # steps tau, tau-1, ..., s+1
+    r = None if resets is None else resets[j - 1]
+    ct_loss = 1.0 if j == tau else 0.0
+    (v, w), d_p, lam = _step_vjp(step_loss, params, states[j - 1 - base],
+                                 _x(xs, j - 1), r, h0, lam, ct_loss)
+    if j == tau:
+      value = (v, w)
+    grad = d_p if grad is None else tree_map(jnp.add, grad, d_p)
+    if j - 1 > s and scale is not None:
+      m = scale(j - 1)
+      if m == 0:  # a truncation point: nothing more passes back
+        break
+      lam = tree_map(lambda a, m=m: a * m, lam)
+  return value, grad
+
+
+def truncated_loss_scaled(step_loss, params, carry, xs, k1, K, mult,
+                          policy="new", resets=None):
+  """truncated_loss of TBPTT(k1, K) with the carry cotangent of the update
+  ending at t multiplied by ``mult(t, d)`` where it enters h_(t-d).
+
+  Returns (loss, grad, final carry) like ``truncated_loss``.
+  """
+  h0 = carry
+  n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+  hs = forward_states(step_loss, params, carry, xs, resets, h0)
+  ends = list(range(k1, n + 1, k1))
+  if n % k1:
+    ends.append(n)
+  total, grad, weight, t_prev = 0.0, None, 0.0, 0
+  for t in ends:
+    scale = lambda j, t=t: mult(t, t - j)
+    for tau, s in injected(t, t_prev, K, policy):
+      (v, w), g = _scaled_walk(step_loss, params, hs, 0, xs, resets, h0, tau,
+                               s, scale)
+      total, weight = total + v, weight + w
+      grad = g if grad is None else tree_map(jnp.add, grad, g)
+    t_prev = t
+  if weight == 0:
+    return 0.0, tree_map(jnp.zeros_like, grad), hs[n]
+  return total / weight, tree_map(lambda g: g / weight, grad), hs[n]
+
+
+def _rerun(step_loss, params, h, xs, resets, h0, a, b):
+  """[h_a, ..., h_b]: steps a+1..b re-run from h (the state after step a)
+  with ``params``."""
+  out = [h]
+  for j in range(a + 1, b + 1):
+    r = None if resets is None else resets[j - 1]
+    h, _ = _jitted(step_loss)(params, h, _x(xs, j - 1), r, h0)
+    out.append(h)
+  return out
+
+
+def _train_rules(step_loss, optimizer, params, carry, xs, k1, k2, policy,
+                 resets, mult, burn_in, k2_of_update):
+  """``train`` with multipliers, burn-in or a per-update k2 (the Recompute
+  contract, written out).
+
+  The update at t re-runs its window of L = max(k1, k2) steps (k2: the reach
+  K) with the current params from its start state: the stored stream state
+  h_(t-L), or with burn_in = b the state obtained by re-running the stream
+  steps t-L-b+1..t-L (those >= 1) from the stored h_(max(0, t-L-b)) with the
+  current params (no gradient, no loss). Each injected loss (k2_u of
+  ``k2_of_update`` if given, else k2) is backpropagated through the re-run
+  states with the multipliers ``mult(t, d)``.
+  """
+  h0 = carry
+  opt_state = optimizer.init(params)
+  n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+  hs = [carry]
+  losses = []
+  L = max(k1, k2)
+  u = 0
+  for t in range(1, n + 1):
+    r = None if resets is None else resets[t - 1]
+    h, _ = _jitted(step_loss)(params, hs[-1], _x(xs, t - 1), r, h0)
+    hs.append(h)
+    if t % k1:
+      continue
+    k2u = k2 if k2_of_update is None else int(k2_of_update[u])
+    u += 1
+    a = max(0, t - L)
+    start = hs[a]
+    if burn_in and a > 0:
+      c = max(0, a - burn_in)
+      start = _rerun(step_loss, params, hs[c], xs, resets, h0, c, a)[-1]
+    states = _rerun(step_loss, params, start, xs, resets, h0, a, t)
+    scale = None if mult is None else (lambda j, t=t: mult(t, t - j))
+    total, grad, weight = 0.0, None, 0.0
+    for tau, s in injected(t, t - k1, k2u, policy):
+      (v, w), g = _scaled_walk(step_loss, params, states, a, xs, resets, h0,
+                               tau, s, scale)
+      total, weight = total + v, weight + w
+      grad = g if grad is None else tree_map(jnp.add, grad, g)
+    params, opt_state = _step(optimizer, params, opt_state, grad, weight)
+    losses.append(total / weight if weight else 0.0)
+  return params, losses, hs[n]
+
+
+def _train_stored_scaled(step_loss, optimizer, params, carry, xs, k1, k2,
+                         policy, resets, mult):
+  """``train_stored`` with the multipliers ``mult(t, d)``."""
+  h0 = carry
+  opt_state = optimizer.init(params)
+  n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+  hs = [carry]
+  losses = []
+  for t in range(1, n + 1):
+    r = None if resets is None else resets[t - 1]
+    h, _ = _jitted(step_loss)(params, hs[-1], _x(xs, t - 1), r, h0)
+    hs.append(h)
+    if t % k1:
+      continue
+    scale = lambda j, t=t: mult(t, t - j)
+    total, grad, weight = 0.0, None, 0.0
+    for tau, s in injected(t, t - k1, k2, policy):
+      (v, w), g = _scaled_walk(step_loss, params, hs, 0, xs, resets, h0, tau,
+                               s, scale)
+      total, weight = total + v, weight + w
+      grad = g if grad is None else tree_map(jnp.add, grad, g)
+    params, opt_state = _step(optimizer, params, opt_state, grad, weight)
+    losses.append(total / weight if weight else 0.0)
+  return params, losses, hs[n]

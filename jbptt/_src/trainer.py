@@ -136,7 +136,7 @@ class Trainer(NamedTuple):
   Made by :func:`jbptt.trainer`, which documents both in full.
 
   Attributes:
-    init: ``init(params, carry, xs, resets=None) -> TrainState``: the state
+    init: ``init(params, carry, xs, resets=None, *, key=None) -> TrainState``: the state
       of a stream whose chunks look like ``xs`` (arrays or
       ``jax.ShapeDtypeStruct``s); ``resets`` declares that it has resets.
     update: ``update(state, xs, resets=None) -> (state, metrics)``: feeds a
@@ -524,7 +524,7 @@ def trainer(
     optimizer: optax.GradientTransformation,
     *,
     k1: int,
-    k2: int,
+    k2: int | truncation.Randomized | truncation.Adaptive,
     losses: str = "new",
     gradient: strategies.Recompute | strategies.StoredStates = (
         strategies.RECOMPUTE),
@@ -565,14 +565,21 @@ def trainer(
       scanned as its cell alone, its read-out evaluated once per window.
     optimizer: an ``optax.GradientTransformation``.
     k1: steps between updates (positive int).
-    k2: steps each update backpropagates through (positive int).
+    k2: steps each update backpropagates through: a positive int, or
+      :class:`jbptt.Randomized` (unbiased randomized truncation; ``init``
+      then takes ``key=``, kept in ``state.truncation``) or
+      :class:`jbptt.Adaptive` (re-estimated every ``every`` updates;
+      ``Metrics.k2`` reports each update's). A rule runs as TBPTT(k1,
+      ``K``), ``K`` its reach, with multipliers on the carry's cotangent
+      (:mod:`jbptt._src.truncation`), on every path.
     losses: which losses an update injects: ``"new"`` (default), ``"window"``
       or ``"last"`` (see :mod:`jbptt._src.semantics`).
     gradient: how an update backpropagates through its window:
       :class:`jbptt.Recompute` (default; re-run the window, the contract's
       gradient exactly) or :class:`jbptt.StoredStates` (backpropagate
       through the states the stream stored, cheaper for ``k1 < k2``), each
-      with its ``remat`` policy.
+      with its ``remat`` policy; ``Recompute(burn_in=b)`` refreshes each
+      window's start state by re-running the ``b`` steps before it.
     unroll: steps per iteration of the per-step scans (the stream's advance,
       the window's forward and reverse passes), passed to ``jax.lax.scan``:
       a positive int or ``True``. The result is the same; see the speed
@@ -581,7 +588,10 @@ def trainer(
   Returns:
     A :class:`Trainer`:
 
-    * ``init(params, carry, xs, resets=None) -> TrainState``. ``xs`` is a
+    * ``init(params, carry, xs, resets=None, *, key=None) -> TrainState``.
+      ``key``, a PRNG key, is required for :class:`jbptt.Randomized` (and
+      refused otherwise): update ``t``'s draws come from it and ``t``, so a
+      run is reproducible and resumes exactly from a checkpoint. ``xs`` is a
       chunk of the stream or a pytree of ``jax.ShapeDtypeStruct`` (its time
       length does not matter); ``resets`` a mask or a ``ShapeDtypeStruct``
       of shape ``(T,) + S``: giving it declares that the stream has resets

@@ -146,7 +146,8 @@ def weighted_mean(total, weight):
 
 
 def truncated_loss(
-    step_loss, *, k1: int, k2: int, losses: str = "new",
+    step_loss, *, k1: int,
+    k2: int | truncation.Randomized | truncation.Adaptive, losses: str = "new",
     gradient: strategies.Recompute = strategies.RECOMPUTE,
     unroll: int | bool = 1,
 ):
@@ -178,7 +179,13 @@ def truncated_loss(
       scalar or a :class:`jbptt.WeightedLoss`; the carry keeps its
       structure, shapes and dtypes.
     k1: steps between updates (positive int).
-    k2: steps each update backpropagates through (positive int).
+    k2: steps each update backpropagates through: a positive int, or a rule
+      (:mod:`jbptt._src.truncation`): :class:`jbptt.Randomized` (unbiased
+      randomized truncation; the function then needs ``key=``) or
+      :class:`jbptt.Adaptive` (the smallest ``k2`` of its choices whose
+      estimated bias is small enough, estimated once per call from the
+      sequence). A rule runs as TBPTT(k1, ``K``), ``K`` its reach (``max``,
+      the largest choice), with multipliers on the carry's cotangent.
     losses: which losses an update injects: ``"new"`` (those of its own
       ``k1`` steps, the default), ``"window"`` (all of its last ``k2``) or
       ``"last"`` (only the loss at its end; sequence-to-one).
@@ -194,8 +201,9 @@ def truncated_loss(
       which to choose per backend.
 
   Returns:
-    ``f(params, carry, xs, *, resets=None, initial_carry=None) ->
-    (loss, final_carry)``. ``loss`` is ``sum(total) / sum(weight)`` over every
+    ``f(params, carry, xs, *, resets=None, initial_carry=None, key=None) ->
+    (loss, final_carry)``; ``key`` a PRNG key, required for
+    :class:`jbptt.Randomized` and refused otherwise. ``loss`` is ``sum(total) / sum(weight)`` over every
     injected step of every update (for plain scalar losses and ``"new"``:
     the mean loss of the sequence; 0 if the weights sum to 0), and its
     gradient the sum of the truncated gradients of the injected totals
@@ -209,9 +217,10 @@ def truncated_loss(
     ``xs`` get ``float0`` cotangents.
 
   Raises:
-    ValueError: for a bad ``k1``, ``k2``, ``losses``, ``remat`` or
-      ``unroll`` (at once), or ``xs`` leaves with different time lengths or
-      bad ``resets`` (at trace time).
+    ValueError: for a bad ``k1``, ``k2``, ``losses``, ``remat``,
+      ``burn_in`` or ``unroll`` (at once), a missing, unneeded or bad
+      ``key``, or ``xs`` leaves with different time lengths or bad
+      ``resets`` (at trace time).
     TypeError: for a ``gradient`` that is not a :class:`jbptt.Recompute`
       (at once); (at trace time) if ``step_loss`` changes the carry or
       returns a non-scalar loss.
