@@ -131,8 +131,19 @@ def _step(optimizer, params, opt_state, grad_sum, weight):
 
 
 def train(step_loss, optimizer, params, carry, xs, k1, k2, policy="new",
-          resets=None):
-  """Online TBPTT on a stream: returns (params, losses per update, carry)."""
+          resets=None, *, mult=None, burn_in=0, k2_of_update=None):
+  """Online TBPTT on a stream: returns (params, losses per update, carry).
+
+  Optional (jbptt.Recompute with a k2 rule or burn-in): ``mult(t, d)``, the
+  multiplier of the carry cotangent entering h_(t-d) in the update ending at
+  t (k2 is then the rule's reach K); ``burn_in``, stream steps re-run with
+  the current params before each window; ``k2_of_update``, the int k2 of
+  each update (jbptt.Adaptive: the injected set uses it, the window still
+  starts at t - max(k1, k2)). See ``_train_rules``.
+  """
+  if mult is not None or burn_in or k2_of_update is not None:
+    return _train_rules(step_loss, optimizer, params, carry, xs, k1, k2,
+                        policy, resets, mult, burn_in, k2_of_update)
   h0 = carry
   opt_state = optimizer.init(params)
   n = jax.tree_util.tree_leaves(xs)[0].shape[0]
@@ -190,7 +201,7 @@ def _step_vjp(step_loss, params, h_prev, x, reset, h0, ct_h, ct_loss):
 
 
 def train_stored(step_loss, optimizer, params, carry, xs, k1, k2, policy="new",
-                 resets=None):
+                 resets=None, *, mult=None):
   """Online TBPTT with history="stored" (Williams & Peng's BPTT(h; h0)).
 
   The stream's states h_t are stored as they are computed (each with the
@@ -198,7 +209,12 @@ def train_stored(step_loss, optimizer, params, carry, xs, k1, k2, policy="new",
   loss_tau to the stored state h_s through the stored states: step j's
   Jacobians are taken at (current params, stored h_(j-1), x_j); nothing is
   re-run. Returns (params, losses per update, carry) like ``train``.
+  ``mult(t, d)`` (optional, k2 the rule's reach): the multiplier of the
+  carry cotangent entering h_(t-d) in the update ending at t.
   """
+  if mult is not None:
+    return _train_stored_scaled(step_loss, optimizer, params, carry, xs, k1,
+                                k2, policy, resets, mult)
   h0 = carry
   opt_state = optimizer.init(params)
   n = jax.tree_util.tree_leaves(xs)[0].shape[0]

@@ -52,17 +52,23 @@ TINY = ["--steps", "64", "--batch", "4", "--hidden", "8"]
 
 def test_compare_end_to_end(tmp_path):
   out = tmp_path / "cmp"
-  r = jbptt_cmd("compare", "--out", str(out), "--seed", "1", *TINY)
+  r = jbptt_cmd("compare", "--out", str(out), "--seed", "1", *TINY,
+                "--add", "random:4:16", "--add", "adaptive:0.1:4,8,16")
   assert r.returncode == 0, r.stderr
   assert "n = 16" in r.stdout
   rows = json.loads((out / "results.json").read_text())
   assert [(row["k1"], row["k2"]) for row in rows] == [
-      (16, 16), (1, 16), (8, 1), (4, 16), (16, 16)]
+      (16, 16), (1, 16), (8, 1), (4, 16), (16, 16), (16, "random:4:16"),
+      (16, "adaptive:0.1:4,8,16")]
   for row in rows:
     assert set(row) >= {"config", "k1", "k2", "updates", "wall_s",
-                        "final_loss", "final_accuracy"}
+                        "final_loss", "final_accuracy", "k2_mean", "k2_last"}
     assert row["updates"] == 64 // row["k1"]
     assert 0 <= row["final_accuracy"] <= 1
+    if isinstance(row["k2"], int):
+      assert row["k2_mean"] == row["k2_last"] == row["k2"]
+  assert 1 <= rows[5]["k2_mean"] <= 16 and 1 <= rows[5]["k2_last"] <= 16
+  assert rows[6]["k2_last"] in (4, 8, 16)
   assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert not [p for p in os.listdir(out) if p.startswith(".jbptt")]
 
@@ -101,10 +107,11 @@ def _state(out, step):
 
 def test_resume_continues_exactly(tmp_path):
   out = tmp_path / "run"
-  r = jbptt_cmd("train", "--task", "recall", "--k1", "3", "--k2", "8",
-                "--out", str(out), *TINY)
+  r = jbptt_cmd("train", "--task", "recall", "--k1", "3", "--k2",
+                "random:3:8", "--out", str(out), *TINY)
   assert r.returncode == 0, r.stderr
   (whole,) = json.loads((out / "results.json").read_text())
+  assert whole["k2"] == "random:3:8"
   done = _state(out, 64)
   steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir())
   assert steps[-1] == 64 and len(steps) == 2
@@ -120,6 +127,7 @@ def test_resume_continues_exactly(tmp_path):
   (resumed,) = json.loads((out / "results.json").read_text())
   assert resumed["updates"] == whole["updates"] == 21
   assert resumed["final_loss"] == whole["final_loss"]
+  assert resumed["k2_mean"] == whole["k2_mean"]
 
 
 def test_unroll_reaches_the_trainer(tmp_path, monkeypatch):
@@ -233,7 +241,17 @@ def test_schedule_losses():
 
 @pytest.mark.parametrize("args,message", [
     (["train", "--task", "recall", "--k1", "0", "--k2", "4"], "--k1 must be >= 1"),
-    (["train", "--task", "recall", "--k1", "4", "--k2", "-1"], "--k2 must be >= 1"),
+    (["train", "--task", "recall", "--k1", "4", "--k2", "-1"],
+     "--k2: must be an int >= 1, random:MEAN:MAX"),
+    (["train", "--task", "recall", "--k1", "4", "--k2", "random:0.5:8"],
+     "got 'random:0.5:8'"),
+    (["train", "--task", "recall", "--k1", "4", "--k2", "random:4"],
+     "got 'random:4'"),
+    (["train", "--task", "recall", "--k1", "4", "--k2", "adaptive:1.5"],
+     "got 'adaptive:1.5'"),
+    (["train", "--task", "recall", "--k1", "4", "--k2", "adaptive:0.1:0,4"],
+     "got 'adaptive:0.1:0,4'"),
+    (["compare", "--add", "often"], "--add: must be an int >= 1"),
     (["train", "--task", "recall", "--k1", "x", "--k2", "4"],
      "--k1 must be an integer"),
     (["compare", "--task", "nope"], "unknown task 'nope'"),

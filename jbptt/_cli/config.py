@@ -20,6 +20,8 @@ __all__ = (
     "SPEED_ONLY",
     "TRAIN",
     "RunConfig",
+    "k2_reach",
+    "parse_k2",
 )
 
 CELLS = ("lstm", "gru", "mgu", "simple")
@@ -30,6 +32,50 @@ MISSING = ("error", "drop", "ffill", "interpolate")  # the choices of --missing
 DATA_OPTIONS = ("heldout", "inputs", "targets", "missing")
 SPEED_ONLY = ("unroll",)  # settings that change the speed, never the result
 OUT = "jbptt-out"  # the default output folder
+ADAPTIVE_CHOICES = (2, 4, 8, 16, 32, 64)  # adaptive:DELTA without choices
+K2_FORMS = ("an int >= 1, random:MEAN:MAX (MEAN >= 1, MAX an int >= 1) or "
+            "adaptive:DELTA[:C1,C2,...] (DELTA in (0, 1), choices ints >= 1, "
+            f"default {','.join(map(str, ADAPTIVE_CHOICES))})")
+
+
+def parse_k2(text: str) -> int | str:
+  """``--k2``: an int, or the canonical text of a rule (``random:MEAN:MAX``,
+  ``adaptive:DELTA:C1,C2,...``); raises ValueError with the allowed forms.
+  :func:`jbptt._cli.experiment.k2_rule` makes the rule of the text."""
+  text = str(text).strip()
+  bad = ValueError(f"--k2 must be {K2_FORMS}, got {text!r}")
+  head, _, rest = text.partition(":")
+  try:
+    if not rest:
+      value = int(text)
+      if value < 1:
+        raise bad
+      return value
+    parts = rest.split(":")
+    if head == "random" and len(parts) == 2:
+      mean, top = float(parts[0]), int(parts[1])
+      if not (1 <= mean < float("inf")) or top < 1:
+        raise bad
+      return f"random:{mean:g}:{top}"
+    if head == "adaptive" and len(parts) in (1, 2):
+      delta = float(parts[0])
+      choices = (sorted({int(c) for c in parts[1].split(",")})
+                 if len(parts) == 2 else list(ADAPTIVE_CHOICES))
+      if not 0 < delta < 1 or not choices or choices[0] < 1:
+        raise bad
+      return f"adaptive:{delta:g}:{','.join(map(str, choices))}"
+  except ValueError:
+    raise bad from None
+  raise bad
+
+
+def k2_reach(k2: int | str) -> int:
+  """The steps a ``--k2`` reaches back at most (an int, ``MAX``, the
+  largest choice)."""
+  if isinstance(k2, int):
+    return k2
+  last = k2.split(":")[-1]
+  return max(int(c) for c in last.split(","))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +98,8 @@ class RunConfig:
       (linear in the training part, forward fill in the held-out part).
     k1: steps between updates of ``jbptt train`` (``compare`` uses its
       canonical configurations instead).
-    k2: steps each update backpropagates through (``jbptt train``).
+    k2: steps each update backpropagates through (``jbptt train``): an int
+      or a rule's text (:func:`parse_k2`).
     losses: which losses an update injects: ``"new"``, ``"window"`` or
       ``"last"`` (``jbptt train``).
     steps: stream steps per run.
@@ -73,7 +120,7 @@ class RunConfig:
   targets: str | None = None
   missing: str = "error"
   k1: int | None = None
-  k2: int | None = None
+  k2: int | str | None = None
   losses: str = "new"
   steps: int = 6000
   seed: int = 0

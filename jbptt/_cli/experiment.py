@@ -118,7 +118,7 @@ class Config:
 
   label: str
   k1: int
-  k2: int
+  k2: int | str  # an int or a rule's text (config.parse_k2)
   losses: str = TRAIN.losses
   seq_len: int | None = None
 
@@ -137,7 +137,7 @@ class Result:
 
   config: str
   k1: int
-  k2: int
+  k2: int | str
   updates: int
   wall_s: float
   steps_per_s: float
@@ -146,6 +146,7 @@ class Result:
   curve_step: list[int]
   curve_loss: list[float]
   state: Any = dataclasses.field(repr=False, default=None)
+  curve_k2: list[int] = dataclasses.field(default_factory=list)
   heldout: str = ""
   heldout_loss: float | None = None
   loss_unit: str = ""
@@ -166,6 +167,9 @@ class Result:
         "baseline_loss": self.baseline_loss,
         "rmse_by_column": self.rmse_by_column,
         "baseline_by_column": self.baseline_by_column,
+        "k2_mean": (round(sum(self.curve_k2) / len(self.curve_k2), 3)
+                    if self.curve_k2 else None),
+        "k2_last": self.curve_k2[-1] if self.curve_k2 else None,
     }
 
 
@@ -294,13 +298,17 @@ class Placement:
 
 
 def _init(task: Task, model: StreamModel, tr, params, carry, inputs, targets,
-          config: Config, placement: Placement):
-  """The trainer's first state, placed."""
+          config: Config, placement: Placement, seed: int):
+  """The trainer's first state, placed (a ``random:`` k2 draws from the
+  key of ``seed + 3``)."""
   xs, resets = _stream_spec(task, inputs, targets, config)
   if placement.processes > 1:  # placed arrays of one step
     xs, resets = placement.stream(tree_map(
         lambda s: np.zeros(s.shape, s.dtype), (xs, resets)))
-  return tr.init(placement.params(params), placement.carry(carry), xs, resets)
+  key = (jax.random.key(seed + 3)
+         if isinstance(k2_rule(config.k2), jbptt.Randomized) else None)
+  return tr.init(placement.params(params), placement.carry(carry), xs, resets,
+                 key=key)
 
 
 def evaluate(task: Task, model: StreamModel, params, config: Config, *,
@@ -396,6 +404,18 @@ def _heldout(task: Task, model: StreamModel, params, config: Config,
       baseline_by_column=split.baseline_by_column)
 
 
+def k2_rule(k2: int | str):
+  """The ``k2`` of :func:`jbptt.trainer` for a ``--k2`` value (an int, or
+  the text :func:`jbptt._cli.config.parse_k2` made)."""
+  if isinstance(k2, int):
+    return k2
+  kind, *parts = k2.split(":")
+  if kind == "random":
+    return jbptt.Randomized(float(parts[0]), int(parts[1]))
+  return jbptt.Adaptive(float(parts[0]),
+                        tuple(int(c) for c in parts[1].split(",")))
+
+
 def _trainer(task: Task, model: StreamModel, config: Config,
              settings: RunConfig):
   task_loss = _task_loss(task)
@@ -403,7 +423,8 @@ def _trainer(task: Task, model: StreamModel, config: Config,
       model.cell, lambda params, h, y: task_loss(model.head(params, h), y))
   optimizer = optax.chain(optax.clip_by_global_norm(1.0),
                           optax.adam(settings.lr))
-  return jbptt.trainer(step_loss, optimizer, k1=config.k1, k2=config.k2,
+  return jbptt.trainer(step_loss, optimizer, k1=config.k1,
+                       k2=k2_rule(config.k2),
                        losses=config.losses, unroll=settings.unroll)
 
 
@@ -412,7 +433,8 @@ def template(task: Task, config: Config, settings: RunConfig = TRAIN):
   model, params, carry = build(task, settings)
   inputs, targets = task.sample(settings.seed + 1, 1, settings.batch)
   return _init(task, model, _trainer(task, model, config, settings), params,
-               carry, inputs, targets, config, Placement(settings.batch))
+               carry, inputs, targets, config, Placement(settings.batch),
+               settings.seed)
 
 
 def run(
@@ -453,8 +475,9 @@ def run(
   placement = Placement(batch)
   if resume is None:
     state = _init(task, model, tr, params, carry, inputs, targets, config,
-                  placement)
-    progress = {"updates": 0, "wall_s": 0.0, "curve_step": [], "curve_loss": []}
+                  placement, settings.seed)
+    progress = {"updates": 0, "wall_s": 0.0, "curve_step": [], "curve_loss": [],
+                "curve_k2": []}
   else:
     state, progress = resume
     progress = {k: list(v) if isinstance(v, list) else v
@@ -478,6 +501,8 @@ def run(
     first_end = (a // config.k1 + 1) * config.k1
     progress["curve_step"] += [first_end + i * config.k1 for i in range(len(losses))]
     progress["curve_loss"] += [float(v) for v in losses]
+    progress.setdefault("curve_k2", [])  # runs saved before it existed
+    progress["curve_k2"] += [int(v) for v in np.asarray(metrics.k2)[valid]]
     progress["updates"] += int(valid.sum())
     progress["wall_s"] += time.perf_counter() - start
     if on_chunk is not None:
@@ -488,5 +513,6 @@ def run(
   return Result(config.label, config.k1, config.k2, progress["updates"], wall,
                 steps / wall, curve_step=progress["curve_step"],
                 curve_loss=progress["curve_loss"], state=state,
+                curve_k2=progress.get("curve_k2", []),
                 **_heldout(task, model, placement.host(state.params),
                            config, settings))

@@ -21,6 +21,7 @@ import sys
 import tempfile
 
 from jbptt._cli.config import (
+  ADAPTIVE_CHOICES,
   CELLS,
   COMPARE,
   DATA_OPTIONS,
@@ -28,6 +29,8 @@ from jbptt._cli.config import (
   OUT,
   TRAIN,
   RunConfig,
+  k2_reach,
+  parse_k2,
 )
 from jbptt._src.diagram import schedule_diagram
 from jbptt._src.semantics import LOSSES
@@ -69,6 +72,14 @@ def _number(ok, allowed: str):
 
 
 _positive_float = _number(lambda v: v > 0, "> 0")
+
+
+def _k2(text):
+  """``--k2`` and ``--add``: an int or a rule (``config.parse_k2``)."""
+  try:
+    return parse_k2(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e).removeprefix("--k2 ")) from None
 _fraction = _number(lambda v: 0 < v < 1, "a fraction in (0, 1)")
 
 
@@ -252,6 +263,9 @@ def cmd_compare(args) -> int:
   from jbptt._cli import experiment
 
   n, configs = experiment.canonical_configs(task)
+  span = configs[-1].k1  # TBPTT(span, span): the rows --add compares with
+  configs += [experiment.Config(f"(k1, {k2})", span, k2)
+              for k2 in args.add or ()]
   console = _console()
   console.print(f"[bold]jbptt compare[/]: {task.description}; {settings.steps} "
                 f"steps x {settings.batch} streams; TBPTT(n, n) and TBPTT(1, n) "
@@ -395,11 +409,11 @@ def cmd_train(args) -> int:
     args.out = OUT
   task = _task(settings)
   split = task.split
-  if split is not None and split.train_steps < settings.k2:
+  if split is not None and split.train_steps < k2_reach(settings.k2):
     raise UsageError(
         f"--heldout {settings.heldout} leaves {split.train_steps} training "
         f"steps of {pathlib.Path(settings.data).name}, fewer than --k2 "
-        f"{settings.k2}; hold out less or choose a smaller --k2")
+        f"{settings.k2} reaches; hold out less or choose a smaller --k2")
   processes = _processes(settings)
   out = _prepare_out(args.out)
   ckpts = out / CHECKPOINTS
@@ -492,6 +506,12 @@ def parser() -> argparse.ArgumentParser:
                    "(jbptt.trainer's unroll); changes the speed, not the "
                    f"result (default: {d.unroll})")
 
+  K2_HELP = ("steps each update backpropagates through: an int, "
+             "random:MEAN:MAX (unbiased randomized truncation, ARTBP: mean "
+             "truncation length MEAN, at most MAX steps) or "
+             "adaptive:DELTA[:C1,C2,...] (the smallest choice whose "
+             "estimated relative bias is at most DELTA; default choices "
+             f"{','.join(map(str, ADAPTIVE_CHOICES))})")
   losses_help = ("which losses each update injects: new (the steps since the "
                  "previous update), window (every step of its k2 window) or "
                  f"last (its last step) (default: {TRAIN.losses})")
@@ -499,6 +519,10 @@ def parser() -> argparse.ArgumentParser:
   q = sub.add_parser("compare", help="the canonical configurations side by side")
   q.add_argument("--task", default=COMPARE.task,
                  help=f"recall, adding or mackey-glass (default: {COMPARE.task})")
+  q.add_argument("--add", type=_k2, action="append", metavar="K2",
+                 help="an extra row: TBPTT(k1, K2) with the k1 of the "
+                 "k1 = k2 row, K2 as --k2 of train takes it, e.g. "
+                 "random:8:64 or adaptive:0.1 (repeatable)")
   common(q, COMPARE)
   q.set_defaults(run=cmd_compare)
 
@@ -508,8 +532,7 @@ def parser() -> argparse.ArgumentParser:
   src.add_argument("--task", help="recall, adding or mackey-glass")
   src.add_argument("--data", help="a UTF-8 text file, or a .csv / .npy series")
   q.add_argument("--k1", type=_positive("--k1"), help="steps between updates")
-  q.add_argument("--k2", type=_positive("--k2"),
-                 help="steps each update backpropagates through")
+  q.add_argument("--k2", type=_k2, help=K2_HELP)
   q.add_argument("--losses", choices=LOSSES, help=losses_help)
   q.add_argument("--heldout", type=_fraction, metavar="FRACTION",
                  help="the fraction of a --data file held out at its end, "
