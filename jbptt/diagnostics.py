@@ -7,6 +7,8 @@ measure what is traded, on given params and data:
   TBPTT(k1, k2) gradient against the untruncated gradient of the same
   losses, overall and per parameter leaf.
 * :func:`sweep`: the same over many ``(k1, k2)``, as NumPy arrays to plot.
+* :func:`adaptive_choice`: the ``k2`` that :class:`jbptt.Adaptive` picks for
+  a sequence, and the decay rate it estimated.
 * :func:`lag_norms`: the norms ``||d loss_t / d h_(t-j)||`` of the full,
   untruncated dependence of each step's loss on the states ``j`` steps
   before it, for ``j = 1..max_lag``: how fast gradients vanish or explode
@@ -55,11 +57,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jbptt._src import checks, semantics
+from jbptt._src import checks, semantics, steps, truncation
+from jbptt._src import truncated_loss as tl
 from jbptt._src.truncated_loss import truncated_loss
 
-__all__ = ("GradientBias", "LagNorms", "Sweep", "gradient_bias", "lag_norms",
-           "sweep")
+__all__ = ("AdaptiveChoice", "GradientBias", "LagNorms", "Sweep",
+           "adaptive_choice", "gradient_bias", "lag_norms", "sweep")
 
 tree_map = jax.tree_util.tree_map
 
@@ -74,6 +77,11 @@ class GradientBias(NamedTuple):
       concatenated (a scalar; 0 means equal).
     leaf_cosine: the same per leaf, a pytree shaped like ``params``.
     leaf_relative_error: the same per leaf, a pytree shaped like ``params``.
+    relative_variance: for a :class:`jbptt.Randomized` k2, the estimator's
+      variance over keys relative to the untruncated gradient,
+      ``mean_i ||g_i - mean(g)||^2 / ||g_full||^2`` over the ``samples``
+      keys (the other figures are then those of ``mean(g)``, the estimate
+      of its expectation: its bias); ``0`` for a deterministic ``k2``.
 
   Where both gradients are zero the cosine is 1 and the error 0; where only
   one is zero the cosine is 0 (and the error ``inf`` if ``g_full`` is).
@@ -83,6 +91,7 @@ class GradientBias(NamedTuple):
   relative_error: jax.Array
   leaf_cosine: Any
   leaf_relative_error: Any
+  relative_variance: jax.Array
 
 
 class Sweep(NamedTuple):
@@ -148,23 +157,37 @@ def _ratios(dot, gg, rr, dd):
 
 @functools.partial(jax.jit, static_argnames=("step_loss", "k1", "k2", "losses"))
 def _grad(step_loss, params, carry, xs, resets, initial_carry, *, k1, k2,
-          losses):
+          losses, keys=None):
+  """The gradient; for :class:`jbptt.Randomized`, one per key (leading
+  axis)."""
   f = truncated_loss(step_loss, k1=k1, k2=k2, losses=losses)
-  return jax.grad(
-      lambda p: f(p, carry, xs, resets=resets, initial_carry=initial_carry)[0]
-  )(params)
+  grad = lambda key: jax.grad(
+      lambda p: f(p, carry, xs, resets=resets, initial_carry=initial_carry,
+                  key=key)[0])(params)
+  return grad(None) if keys is None else jax.vmap(grad)(keys)
+
+
+def _sum_all(tree):
+  return sum(jnp.sum(v) for v in jax.tree_util.tree_leaves(tree))
 
 
 @jax.jit
-def _bias(g, ref) -> GradientBias:
+def _bias(g, ref, spread=None) -> GradientBias:
   g, ref = tree_map(_wide, g), tree_map(_wide, ref)
   leaf = tree_map(_compare, g, ref)
   pick = lambda i: tree_map(lambda _, c: c[i], g, leaf)
-  sums = [sum(jnp.sum(v) for v in jax.tree_util.tree_leaves(tree_map(op, g, ref)))
+  sums = [_sum_all(tree_map(op, g, ref))
           for op in (lambda a, b: a * b, lambda a, b: a * a,
                      lambda a, b: b * b, lambda a, b: (a - b) ** 2)]
   cosine, error = _ratios(*sums)
-  return GradientBias(cosine, error, pick(0), pick(1))
+  variance = jnp.zeros((), cosine.dtype)
+  if spread is not None:  # per-key gradients: their mean squared deviation
+    deviation = _sum_all(tree_map(
+        lambda a, m: jnp.mean(jnp.square(_wide(a) - m), axis=0), spread, g))
+    rr = sums[2]
+    variance = jnp.where(rr > 0, deviation / jnp.where(rr > 0, rr, 1),
+                         jnp.where(deviation > 0, jnp.inf, 0.0))
+  return GradientBias(cosine, error, pick(0), pick(1), variance)
 
 
 def _reference_config(n: int, k1: int, losses: str) -> tuple[int, int]:
@@ -175,9 +198,9 @@ def _reference_config(n: int, k1: int, losses: str) -> tuple[int, int]:
   return (n, n) if losses == "new" else (k1, n)
 
 
-def gradient_bias(step_loss, params, carry, xs, *, k1: int, k2: int,
-                  losses: str = "new", resets=None,
-                  initial_carry=None) -> GradientBias:
+def gradient_bias(step_loss, params, carry, xs, *, k1: int, k2,
+                  losses: str = "new", resets=None, initial_carry=None,
+                  key=None, samples: int = 256) -> GradientBias:
   """The TBPTT(k1, k2) gradient against the untruncated one, same losses.
 
   Let ``g_trunc`` be ``jax.grad`` of ``jbptt.truncated_loss(step_loss,
@@ -192,6 +215,12 @@ def gradient_bias(step_loss, params, carry, xs, *, k1: int, k2: int,
   computed by jitted functions, compiled once per ``(step_loss, k1, k2,
   losses)`` and shapes.
 
+  For ``k2 = jbptt.Adaptive(...)`` ``g_trunc`` is the gradient with the
+  ``k2`` it picks (:func:`adaptive_choice`). For ``k2 =
+  jbptt.Randomized(...)`` ``g_trunc`` is the mean of the gradients for
+  ``samples`` keys split from ``key`` (its bias: ideally 0 when ``max``
+  reaches the start), and ``relative_variance`` their variance.
+
   Args:
     step_loss: ``step_loss(params, carry, x) -> (carry, loss)`` with a scalar
       loss (as for :func:`jbptt.truncated_loss`).
@@ -199,10 +228,14 @@ def gradient_bias(step_loss, params, carry, xs, *, k1: int, k2: int,
     carry: the initial carry.
     xs: a pytree whose leaves share a leading time axis of length ``n``.
     k1: steps between updates (positive int).
-    k2: steps each update backpropagates through (positive int).
+    k2: steps each update backpropagates through: a positive int, a
+      :class:`jbptt.Randomized` or a :class:`jbptt.Adaptive`.
     losses: ``"new"``, ``"window"`` or ``"last"``.
     resets: optional per-step reset mask, as for ``truncated_loss``.
     initial_carry: the carry a reset restores (default: ``carry``).
+    key: a PRNG key, for a :class:`jbptt.Randomized` ``k2`` only.
+    samples: the keys drawn for a :class:`jbptt.Randomized` ``k2`` (a
+      positive int; they are ``vmap``-ed: memory grows with it).
 
   Returns:
     A :class:`GradientBias` of float arrays (at least float32).
@@ -225,14 +258,93 @@ def gradient_bias(step_loss, params, carry, xs, *, k1: int, k2: int,
     Williams & Peng, Neural Computation 2(4), 1990; Tallec & Ollivier,
     Unbiasing Truncated Backpropagation Through Time, 2017.
   """
-  k1, k2, losses = semantics.check_config(k1, k2, losses)
+  rule = truncation.check_k2(k2)
+  k1, _, losses = semantics.check_config(k1, truncation.reach(rule), losses)
+  truncation.check_losses(rule, losses)
+  tl.check_key(rule, key)
+  samples = semantics.check_positive_int("samples", samples)
   n = checks.time_length(xs)
+  keys = (jax.random.split(key, samples)
+          if isinstance(rule, truncation.Randomized) else None)
   g_trunc = _grad(step_loss, params, carry, xs, resets, initial_carry, k1=k1,
-                  k2=k2, losses=losses)
+                  k2=rule, losses=losses, keys=keys)
   r1, r2 = _reference_config(n, k1, losses)
   g_full = _grad(step_loss, params, carry, xs, resets, initial_carry, k1=r1,
                  k2=r2, losses=losses)
-  return _bias(g_trunc, g_full)
+  if keys is None:
+    return _bias(g_trunc, g_full)
+  mean = tree_map(lambda a: jnp.mean(_wide(a), axis=0), g_trunc)
+  return _bias(mean, g_full, g_trunc)
+
+
+class AdaptiveChoice(NamedTuple):
+  """What :class:`jbptt.Adaptive` picks for a sequence.
+
+  Attributes:
+    k2: the chosen ``k2`` (int32).
+    beta: the estimated geometric decay rate of the per-lag norms (float32;
+      NaN if fewer than two lags could be fitted, and then ``k2`` is the
+      largest choice).
+  """
+
+  k2: jax.Array
+  beta: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("step_loss", "k1", "rule"))
+def _adaptive_choice(step_loss, params, carry, xs, resets, initial_carry, *,
+                     k1, rule):
+  carry = checks.as_arrays(carry)
+  h0 = carry if initial_carry is None else checks.as_arrays(initial_carry)
+  if resets is not None:
+    resets = checks.check_resets(resets, checks.time_length(xs), carry)
+  k2, log_beta = tl.adaptive_k2(steps.split(step_loss), rule, params, carry,
+                                xs, resets, h0, checks.time_length(xs), k1)
+  return AdaptiveChoice(k2, jnp.exp(log_beta))
+
+
+def adaptive_choice(step_loss, params, carry, xs, *, k1: int, k2,
+                    resets=None, initial_carry=None) -> AdaptiveChoice:
+  """The ``k2`` that ``jbptt.truncated_loss(step_loss, k1=k1, k2=k2)``
+  uses for this sequence, ``k2`` a :class:`jbptt.Adaptive`.
+
+  The norms ``||d loss_t / d h_(t-j)||``, ``j = 1..max(choices)``, of the
+  loss at the end of each update are taken, their decay rate ``beta``
+  fitted on a log scale (one slope within every update's window), and the
+  smallest choice with ``beta ** k2 <= delta`` taken (see
+  :class:`jbptt.Adaptive`).
+
+  Args:
+    step_loss: as for :func:`gradient_bias`.
+    params: the parameters.
+    carry: the initial carry.
+    xs: a pytree whose leaves share a leading time axis.
+    k1: steps between updates (positive int).
+    k2: a :class:`jbptt.Adaptive`.
+    resets: optional per-step reset mask, as for ``truncated_loss``.
+    initial_carry: the carry a reset restores (default: ``carry``).
+
+  Returns:
+    An :class:`AdaptiveChoice`.
+
+  Raises:
+    TypeError: if ``k2`` is not a :class:`jbptt.Adaptive`.
+
+  Examples:
+    >>> import jax.numpy as jnp, jbptt, jbptt.diagnostics as jd
+    >>> step_loss = lambda a, h, x: (a * h + x, 0.5 * (a * h + x) ** 2)
+    >>> c = jd.adaptive_choice(step_loss, 0.5, 0.0, jnp.ones(40), k1=4,
+    ...                        k2=jbptt.Adaptive(0.01, (2, 4, 8, 16)))
+    >>> int(c.k2), round(float(c.beta), 4)  # 0.5 ** 8 <= 0.01 < 0.5 ** 4
+    (8, 0.5)
+  """
+  if not isinstance(k2, truncation.Adaptive):
+    raise TypeError(f"k2 must be a jbptt.Adaptive(...), got k2={k2!r}.")
+  k1 = semantics.check_positive_int("k1", k1)
+  checks.check_step(step_loss, params, checks.as_arrays(carry),
+                    checks.first_step(xs))
+  return _adaptive_choice(step_loss, params, carry, xs, resets, initial_carry,
+                          k1=k1, rule=k2)
 
 
 def _check_ks(name: str, values) -> np.ndarray:

@@ -265,7 +265,7 @@ def truncated_loss(
     mult = None
     if isinstance(rule, truncation.RULES):
       aux = key if isinstance(rule, truncation.Randomized) else adaptive_k2(
-          split, rule, params, carry, xs, resets, h0, n, k1)
+          split, rule, params, carry, xs, resets, h0, n, k1)[0]
       mult = lambda t, d: truncation.multipliers(rule, aux, t, d)
     path = _chunked if k1 >= k2 else _overlapping
     total, weight, final = path(split, params, carry, xs, resets, h0, n, k1,
@@ -298,8 +298,9 @@ def check_key(rule, key):
 
 
 def adaptive_k2(split, rule, params, carry, xs, resets, h0, n, k1):
-  """The :class:`jbptt.Adaptive` choice for a whole sequence (int32): from
-  the mean per-lag norms of the losses at the ends of its updates."""
+  """The :class:`jbptt.Adaptive` choice for a whole sequence: ``(k2, log
+  beta)`` (int32, float32; NaN if it could not be fitted) from the per-lag
+  norms of the losses at the ends of its updates, fitted within each."""
   big = rule.choices[-1]
   _, hs = segment.forward(split.cell, params, carry, xs, resets, h0)
   hs = _concat_first(carry, hs)  # hs[s] = h_s, s = 0..n
@@ -321,10 +322,8 @@ def adaptive_k2(split, rule, params, carry, xs, resets, h0, n, k1):
     return norms, t - (big - rows) >= 0  # row i is the lag big - i
 
   norms, ok = lax.map(norms_at, ends)
-  count = jnp.sum(ok, axis=0)
-  mean = jnp.sum(jnp.where(ok, norms, 0.0), axis=0) / jnp.maximum(count, 1)
-  return truncation.choose(
-      rule, truncation.decay_rate(mean, big - rows, count > 0))
+  log_beta = truncation.decay_rate(norms, big - rows, ok)
+  return truncation.choose(rule, log_beta), log_beta
 
 
 def _concat_first(first, rest):

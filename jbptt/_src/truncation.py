@@ -105,14 +105,14 @@ class Adaptive:
   measured with the current params (an extra forward and backward pass of
   the window), and their geometric decay rate ``beta`` is fitted (least
   squares of ``log`` norm against ``j``, over the lags whose state exists
-  and whose norm is positive). The update uses the smallest ``k2`` in
+  and whose norm is positive; with several windows, within each). The update uses the smallest ``k2`` in
   ``choices`` with ``beta ** k2 <= delta`` (``beta ** k2`` estimates the
   relative bias of the truncated gradient), or the largest choice if none
   qualifies. The trainer re-estimates at its first update and then every
   ``every`` updates, keeping the choice in between (``TrainState.truncation``);
   :class:`jbptt.Metrics` ``.k2`` reports the ``k2`` of each update.
-  ``truncated_loss`` (fixed params) estimates once per call, from the mean
-  norms over the windows of all of its updates.
+  ``truncated_loss`` (fixed params) estimates once per call, from the
+  windows of all of its updates (one slope fitted within each window).
 
   The program holds one window of ``K`` steps and cuts it at the chosen
   ``k2`` with a traced multiplier: one compile, the cost of TBPTT(k1, K)
@@ -282,19 +282,23 @@ def _scale_jvp(primals, tangents):
 def decay_rate(norms, lags, ok):
   """``log beta``: the least-squares slope of ``log norms`` against ``lags``
   over the entries where ``ok`` (and the norm is positive and finite); NaN
-  with fewer than two such lags."""
+  with fewer than two such lags.
+
+  ``norms`` and ``ok`` may have leading axes (one row per window, lags
+  last): the slope is then pooled within rows (each row its own intercept),
+  so rows of different scales or lag ranges do not bend it.
+  """
   norms = jnp.asarray(norms, jnp.float32)
-  ok = ok & (norms > 0) & jnp.isfinite(norms)
-  x = jnp.asarray(lags, jnp.float32)
+  ok = jnp.broadcast_to(ok, norms.shape) & (norms > 0) & jnp.isfinite(norms)
+  x = jnp.broadcast_to(jnp.asarray(lags, jnp.float32), norms.shape)
   y = jnp.log(jnp.where(ok, norms, 1.0))
   w = ok.astype(jnp.float32)
-  count = jnp.sum(w)
-  mx = jnp.sum(w * x) / jnp.maximum(count, 1)
-  my = jnp.sum(w * y) / jnp.maximum(count, 1)
+  count = jnp.sum(w, axis=-1, keepdims=True)
+  mx = jnp.sum(w * x, axis=-1, keepdims=True) / jnp.maximum(count, 1)
+  my = jnp.sum(w * y, axis=-1, keepdims=True) / jnp.maximum(count, 1)
   sxx = jnp.sum(w * (x - mx) ** 2)
   sxy = jnp.sum(w * (x - mx) * (y - my))
-  return jnp.where((count >= 2) & (sxx > 0), sxy / jnp.where(sxx > 0, sxx, 1),
-                   jnp.nan)
+  return jnp.where(sxx > 0, sxy / jnp.where(sxx > 0, sxx, 1), jnp.nan)
 
 
 def choose(k2: Adaptive, log_beta):
