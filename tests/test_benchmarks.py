@@ -1,5 +1,6 @@
 """``benchmarks/run.py --smoke`` keeps working (no timings are asserted)."""
 
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -179,3 +180,23 @@ def test_lm_torch_recipe_trains_like_jbptt():
         theirs.rnn.weight_hh_l0)
   close(head["kernel"].T, theirs.decoder.weight)
   close(ours.state.carry[1], theirs.hidden[0][0])
+
+
+def test_truncation_benchmark_smoke(tmp_path):
+  spec = importlib.util.spec_from_file_location(
+      "truncation_bench", ROOT / "benchmarks" / "truncation.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  bench.main(["--smoke", "--out", str(tmp_path)])
+  rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+  configs = [r["config"] for r in rows]
+  assert configs[:7] == [
+      "TBPTT(8, 8)", "TBPTT(8, 64)", "Randomized(8, 64)",
+      "TBPTT(8, 64), stored", "Randomized(8, 64), stored",
+      "Adaptive(0.1, (8, 16, 32, 64))", "TBPTT(8, 8), burn_in=16"]
+  assert all(r["ms_per_chunk"] > 0 for r in rows)
+  assert rows[0]["k2_mean"] == 8 and rows[1]["k2_mean"] == 64
+  assert 1 <= rows[2]["k2_mean"] <= 64
+  assert rows[5]["k2_mean"] in (8, 16, 32, 64)
+  table = (tmp_path / "results.md").read_text()
+  assert "x TBPTT(8, 8)" in table and "H=8, D=4, batch 2" in table
