@@ -34,6 +34,7 @@ import numpy as np
 from jax import lax
 
 tree_map = jax.tree_util.tree_map
+_FLOAT = float  # the default float dtype: float64 under jax_enable_x64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +225,8 @@ def uniform(key, t, d):
 
 
 def multipliers(k2, aux, t, d):
-  """``m_t(d)``, float32, broadcast over ``t`` and ``d`` (``d >= 1``).
+  """``m_t(d)`` in the default float dtype (float64 with ``jax_enable_x64``),
+  broadcast over ``t`` and ``d`` (``d >= 1``).
 
   ``aux`` is the rule's traced part: the key for :class:`Randomized`, the
   chosen ``k2`` for :class:`Adaptive`, ignored for an int.
@@ -235,11 +237,12 @@ def multipliers(k2, aux, t, d):
     c = 1.0 / k2.mean
     scale = 0.0 if c >= 1 else 1.0 / (1.0 - c)
     passes = uniform(aux, t, d) >= c
-    return jnp.where(inside & passes, jnp.float32(scale), jnp.float32(0))
+    return jnp.where(inside & passes, jnp.asarray(scale, _FLOAT),
+                     jnp.asarray(0, _FLOAT))
   if isinstance(k2, Adaptive):
     inside = inside & (d < aux)
   return jnp.broadcast_to(inside, jnp.broadcast_shapes(jnp.shape(t), d.shape)
-                          ).astype(jnp.float32)
+                          ).astype(_FLOAT)
 
 
 def realized(k2, aux, t):
@@ -258,7 +261,7 @@ def realized(k2, aux, t):
 def scale_cotangent(tree, m):
   """``tree`` unchanged; its cotangent (tangent) multiplied by ``m``, and
   exactly zero where ``m`` is 0 (a truncation point)."""
-  return _scale(tree, jnp.asarray(m, jnp.float32))
+  return _scale(tree, jnp.asarray(m))
 
 
 @jax.custom_jvp
