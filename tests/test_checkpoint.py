@@ -40,27 +40,36 @@ def stream(n=23):
   return xs, resets
 
 
-# (k1, k2, cut): every cut falls inside a k1 chunk (pending steps are saved).
-@pytest.mark.parametrize("k1,k2,cut", [
-    (4, 4, 10), (3, 7, 8), (8, 3, 13), (6, 30, 7),
+# (k1, k2, cut, gradient): every cut falls inside a k1 chunk (pending steps
+# are saved); k2 rules keep their key or estimate in the state.
+@pytest.mark.parametrize("k1,k2,cut,gradient", [
+    (4, 4, 10, None), (3, 7, 8, None), (8, 3, 13, None), (6, 30, 7, None),
+    (3, jbptt.Randomized(3, 7), 8, None),
+    (4, jbptt.Adaptive(0.1, (2, 4, 8), every=2), 10, None),
+    (4, 4, 10, jbptt.Recompute(burn_in=3)),
 ])
-def test_resume_is_exact(tmp_path, k1, k2, cut):
+def test_resume_is_exact(tmp_path, k1, k2, cut, gradient):
   # Two chunks of one length (one compilation): the second fed to the state
   # in memory, and to that state saved and restored.
   xs, resets = stream(2 * cut)
   params, h = init_params(), carry0()
   opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.05))
-  tr = jbptt.trainer(step_loss, opt, k1=k1, k2=k2)
-  first, _ = tr.update(tr.init(params, h, xs, resets), piece(xs, 0, cut),
-                       resets[:cut])
+  tr = jbptt.trainer(step_loss, opt, k1=k1, k2=k2,
+                     gradient=gradient or jbptt.Recompute())
+  keyed = isinstance(k2, jbptt.Randomized)
+  key = (lambda seed: jax.random.key(seed)) if keyed else (lambda seed: None)
+  first, _ = tr.update(tr.init(params, h, xs, resets, key=key(1)),
+                       piece(xs, 0, cut), resets[:cut])
   whole, _ = tr.update(first, piece(xs, cut, None), resets[cut:])
   assert cut % k1  # saved with steps pending
-  jc.save(tmp_path, first, info={"k1": k1, "k2": k2})
+  info = {"k1": k1, "k2": str(k2)}
+  jc.save(tmp_path, first, info=info)
   del first
   # A fresh process would build its template from other values: only the
   # structure, shapes and dtypes of the template are used.
-  like = tr.init(init_params(key=7), h * 0, piece(xs, 0, 1), resets[:1])
-  back = jc.restore(tmp_path, like, info={"k1": k1, "k2": k2})
+  like = tr.init(init_params(key=7), h * 0, piece(xs, 0, 1), resets[:1],
+                 key=key(99))
+  back = jc.restore(tmp_path, like, info=info)
   assert int(back.step) == cut
   resumed, _ = tr.update(back, piece(xs, cut, None), resets[cut:])
   assert_trees_equal(resumed, whole)

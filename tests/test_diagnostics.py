@@ -275,3 +275,57 @@ def test_lag_norms_checks_the_step(params):
   bad = lambda p, h, x: (h, jnp.zeros(2))
   with pytest.raises(TypeError, match="scalar loss"):
     jd.lag_norms(bad, params, carry0(), data(4), max_lag=2)
+
+
+# k2 rules ---------------------------------------------------------------------
+
+
+def test_gradient_bias_of_randomized_is_its_mean_over_keys(params):
+  xs, h = data(9), carry0()
+  rule = jbptt.Randomized(3, 9)
+  key = jax.random.key(5)
+  samples = 16
+  b = jd.gradient_bias(step_loss, params, h, xs, k1=2, k2=rule, key=key,
+                       samples=samples)
+  # Directly: one truncated_loss gradient per key, their mean and spread.
+  f = jbptt.truncated_loss(step_loss, k1=2, k2=rule)
+  per_key = [leaves(jax.grad(lambda p, k=k: f(p, h, xs, key=k)[0])(params))
+             for k in jax.random.split(key, samples)]
+  flat = np.stack([np.concatenate([np.ravel(x) for x in g]) for g in per_key])
+  mean = flat.mean(axis=0)
+  full = np.concatenate([np.ravel(x) for x in leaves(full_grad(params, h, xs))])
+  cos, err = cos_err([mean], [full])
+  np.testing.assert_allclose(b.cosine, cos, rtol=1e-9)
+  np.testing.assert_allclose(b.relative_error, err, rtol=1e-7)
+  variance = np.mean(np.sum((flat - mean) ** 2, axis=1)) / np.sum(full ** 2)
+  np.testing.assert_allclose(b.relative_variance, variance, rtol=1e-7)
+  assert variance > 0
+  fixed = jd.gradient_bias(step_loss, params, h, xs, k1=2, k2=3)
+  assert float(fixed.relative_variance) == 0.0
+
+
+def test_gradient_bias_of_adaptive_is_that_of_its_choice(params):
+  xs, h = data(12), carry0()
+  rule = jbptt.Adaptive(0.2, (1, 2, 4, 8))
+  choice = jd.adaptive_choice(step_loss, params, h, xs, k1=3, k2=rule)
+  assert int(choice.k2) in rule.choices and 0 < float(choice.beta) < 1
+  b = jd.gradient_bias(step_loss, params, h, xs, k1=3, k2=rule)
+  fixed = jd.gradient_bias(step_loss, params, h, xs, k1=3, k2=int(choice.k2))
+  np.testing.assert_allclose(b.relative_error, fixed.relative_error,
+                             rtol=1e-9)
+  # The decay rate is the one the choice rule reads: the smallest choice
+  # with beta ** k2 <= delta, else the largest.
+  ok = [c for c in rule.choices if float(choice.beta) ** c <= rule.delta]
+  assert int(choice.k2) == (ok[0] if ok else rule.choices[-1])
+
+
+def test_rule_errors(params):
+  xs, h = data(6), carry0()
+  with pytest.raises(ValueError, match="key"):
+    jd.gradient_bias(step_loss, params, h, xs, k1=2, k2=jbptt.Randomized(2, 4))
+  with pytest.raises(ValueError, match="samples must be a positive int"):
+    jd.gradient_bias(step_loss, params, h, xs, k1=2,
+                     k2=jbptt.Randomized(2, 4), key=jax.random.key(0),
+                     samples=0)
+  with pytest.raises(TypeError, match="jbptt.Adaptive"):
+    jd.adaptive_choice(step_loss, params, h, xs, k1=2, k2=4)

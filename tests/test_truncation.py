@@ -363,3 +363,20 @@ def test_trainer_adaptive_linear(a, delta, want_k2):
                          k2_of_update=k2s)
   assert abs(float(state.params - a)) > 1e-5  # it trained
   np.testing.assert_allclose(state.params, want, rtol=0, atol=1e-10)
+
+
+def test_burn_in_changes_nothing_with_fixed_params():
+  # The refreshed start state is the stored one when params are fixed.
+  xs, h, p = data(11), carry0(), init_params()
+  for k1, k2 in ((2, 5), (4, 3)):
+    grads = [jax.grad(lambda p, g=g: jbptt.truncated_loss(
+        step_loss, k1=k1, k2=k2, gradient=g)(p, h, xs)[0])(p)
+        for g in (jbptt.Recompute(), jbptt.Recompute(burn_in=4))]
+    assert_trees_close(grads[0], grads[1], atol=0)
+
+
+@pytest.mark.parametrize("burn_in", [-1, 1.5, True])
+def test_bad_burn_in(burn_in):
+  with pytest.raises(ValueError, match=r"burn_in=\.\.\.\) must be a non-negative int, got burn_in="):
+    jbptt.trainer(step_loss, optax.sgd(0.1), k1=2, k2=2,
+                  gradient=jbptt.Recompute(burn_in=burn_in))
