@@ -377,6 +377,7 @@ def test_burn_in_changes_nothing_with_fixed_params():
 
 @pytest.mark.parametrize("burn_in", [-1, 1.5, True])
 def test_bad_burn_in(burn_in):
-  with pytest.raises(ValueError, match=r"burn_in=\.\.\.\) must be a non-negative int, got burn_in="):
+  with pytest.raises(ValueError, match=r"burn_in=\.\.\.\) must be a "
+                     rf"non-negative int .*, got burn_in={burn_in!r}\."):
     jbptt.trainer(step_loss, optax.sgd(0.1), k1=2, k2=2,
                   gradient=jbptt.Recompute(burn_in=burn_in))
