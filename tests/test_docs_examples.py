@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = ("README.md", "docs/guides/streams.md", "docs/guides/padded.md",
          "docs/guides/checkpoint.md", "docs/guides/choosing-k.md",
          "docs/guides/memory.md", "docs/guides/sharding.md",
-         "docs/guides/speed.md")
+         "docs/guides/speed.md", "docs/guides/truncation.md")
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.M | re.S)
 
 
