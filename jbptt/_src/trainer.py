@@ -13,8 +13,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jbptt._src import adjoint, checks, packing, segment, semantics, steps
-from jbptt._src import truncation
+from jbptt._src import adjoint, checks, packing, segment, semantics, steps, truncation
 from jbptt._src import gradient as strategies
 from jbptt._src import truncated_loss as tl
 

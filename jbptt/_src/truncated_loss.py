@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jbptt._src import adjoint, checks, layout, segment, semantics, steps
-from jbptt._src import truncation
+from jbptt._src import adjoint, checks, layout, segment, semantics, steps, truncation
 from jbptt._src import gradient as strategies
 
 tree_map = jax.tree_util.tree_map
@@ -203,18 +202,18 @@ def truncated_loss(
   Returns:
     ``f(params, carry, xs, *, resets=None, initial_carry=None, key=None) ->
     (loss, final_carry)``; ``key`` a PRNG key, required for
-    :class:`jbptt.Randomized` and refused otherwise. ``loss`` is ``sum(total) / sum(weight)`` over every
-    injected step of every update (for plain scalar losses and ``"new"``:
-    the mean loss of the sequence; 0 if the weights sum to 0), and its
-    gradient the sum of the truncated gradients of the injected totals
-    divided by ``sum(weight)``. ``final_carry`` is the carry after step
+    :class:`jbptt.Randomized` and refused otherwise. ``loss`` is ``sum(total) /
+    sum(weight)`` over every injected step of every update (for plain scalar
+    losses and ``"new"``: the mean loss of the sequence; 0 if the weights sum to
+    0), and its gradient the sum of the truncated gradients of the injected
+    totals divided by ``sum(weight)``. ``final_carry`` is the carry after step
     ``n`` (held constant), ready for the next sequence. ``resets`` is an
-    optional boolean of shape ``(n,) + S`` (``S`` a leading prefix of the
-    carry leaves' shapes, e.g. ``(batch,)``): where it is true the carry is
-    replaced by ``initial_carry`` (default: ``carry``) before the step, and
-    no gradient crosses that boundary. ``carry`` and ``initial_carry``
-    receive no gradient (they are held constant); float ``xs`` do, integer
-    ``xs`` get ``float0`` cotangents.
+    optional boolean of shape ``(n,) + S`` (``S`` a leading prefix of the carry
+    leaves' shapes, e.g. ``(batch,)``): where it is true the carry is replaced
+    by ``initial_carry`` (default: ``carry``) before the step, and no gradient
+    crosses that boundary. ``carry`` and ``initial_carry`` receive no gradient
+    (they are held constant); float ``xs`` do, integer ``xs`` get ``float0``
+    cotangents.
 
   Raises:
     ValueError: for a bad ``k1``, ``k2``, ``losses``, ``remat``,

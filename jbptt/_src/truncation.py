@@ -101,20 +101,19 @@ class Randomized:
 class Adaptive:
   """Adaptive k2: the smallest choice whose estimated bias is small enough.
 
-  The per-lag gradient norms ``||d loss_t / d h_(t-j)||``, ``j = 1..K``
-  (``K = max(choices)``), of the loss at the end of an update's window are
-  measured with the current params (an extra forward and backward pass of
-  the window), and their geometric decay rate ``beta`` is fitted (least
-  squares of ``log`` norm against ``j``, over the lags whose state exists
-  and whose norm is positive; with several windows, within each). The update uses the smallest ``k2`` in
-  ``choices`` with ``beta ** k2 <= delta`` (``beta ** k2`` estimates the
-  relative bias of the truncated gradient), or the largest choice if none
+  The per-lag gradient norms ``||d loss_t / d h_(t-j)||``, ``j = 1..K`` (``K =
+  max(choices)``), of the loss at the end of an update's window are measured
+  with the current params (an extra forward and backward pass of the window),
+  and their geometric decay rate ``beta`` is fitted (least squares of ``log``
+  norm against ``j``, over the lags whose state exists and whose norm is
+  positive; with several windows, within each). The update uses the smallest
+  ``k2`` in ``choices`` with ``beta ** k2 <= delta`` (``beta ** k2`` estimates
+  the relative bias of the truncated gradient), or the largest choice if none
   qualifies. The trainer re-estimates at its first update and then every
   ``every`` updates, keeping the choice in between (``TrainState.truncation``);
   :class:`jbptt.Metrics` ``.k2`` reports the ``k2`` of each update.
-  ``truncated_loss`` (fixed params) estimates once per call, from the
-  windows of all of its updates (one slope fitted within each window).
-
+  ``truncated_loss`` (fixed params) estimates once per call, from the windows of
+  all of its updates (one slope fitted within each window).
   The program holds one window of ``K`` steps and cuts it at the chosen
   ``k2`` with a traced multiplier: one compile, the cost of TBPTT(k1, K)
   whatever the choice. ``losses="window"`` is refused (its injected losses
