@@ -114,6 +114,7 @@ class Adaptive:
   :class:`jbptt.Metrics` ``.k2`` reports the ``k2`` of each update.
   ``truncated_loss`` (fixed params) estimates once per call, from the windows of
   all of its updates (one slope fitted within each window).
+
   The program holds one window of ``K`` steps and cuts it at the chosen
   ``k2`` with a traced multiplier: one compile, the cost of TBPTT(k1, K)
   whatever the choice. ``losses="window"`` is refused (its injected losses
