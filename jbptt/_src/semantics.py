@@ -42,6 +42,12 @@ Consequences: TBPTT(n, n) is full BPTT; TBPTT(1, n) takes, at each step, the
 full BPTT gradient of that step's loss; TBPTT(k, k) with ``k`` dividing ``n``
 is chunking the sequence with ``stop_gradient`` at the chunk boundaries.
 
+``k2`` may also be a rule, :class:`jbptt.Randomized` or :class:`jbptt.Adaptive`
+(:mod:`jbptt._src.truncation`): the update ending at ``t`` is then TBPTT(k1,
+``K``), ``K`` the rule's reach, with the carry's cotangent flowing from step
+``j + 1`` into ``h_j`` multiplied by a factor ``m_t(d)``, ``d = t - j`` (0: a
+truncation point).
+
 Reference loop
 --------------
 
