@@ -38,20 +38,26 @@ SCRIPT = textwrap.dedent("""
     h_s, p_s = js.shard_batch(h0, mesh), js.replicate(params, mesh)
     def close(a, b):
       assert_trees_close(a, b, rtol=1e-5, atol=1e-6)
-    for k1, k2 in [(4, 4), (3, 8), (5, 2)]:
+    for k1, k2 in [(4, 4), (3, 8), (5, 2), (3, jbptt.Randomized(3, 8)),
+                   (2, jbptt.Adaptive(0.2, (2, 4, 8), every=2))]:
+      key = jax.random.key(3) if isinstance(k2, jbptt.Randomized) else None
       tr = jbptt.trainer(step_loss, optax.adam(1e-2), k1=k1, k2=k2)
-      one = tr.init(params, h0, xs, resets)
+      one = tr.init(params, h0, xs, resets, key=key)
       one, m1 = tr.update(one, xs, resets)
-      many = tr.init(p_s, h_s, xs_s, r_s)
+      many = tr.init(p_s, h_s, xs_s, r_s, key=key)
+      used = []  # the k2 of each update
       for a, b in [(0, 7), (7, 30)]:  # uneven pieces, still sharded
         many, m2 = tr.update(many, jax.tree_util.tree_map(lambda v: v[a:b], xs_s),
                              r_s[a:b])
+        used.append(np.asarray(m2.k2)[np.asarray(m2.valid)])
       close(one.params, many.params)
       close(one.carry, many.carry)
       assert many.params["W"].sharding.is_fully_replicated
       assert many.carry.sharding.spec == jax.sharding.PartitionSpec("batch")
+      assert np.array_equal(np.asarray(m1.k2)[np.asarray(m1.valid)],
+                            np.concatenate(used))
       f = jbptt.truncated_loss(step_loss, k1=k1, k2=k2)
-      grad = jax.jit(jax.grad(lambda p, h, x: f(p, h, x)[0]))
+      grad = jax.jit(jax.grad(lambda p, h, x: f(p, h, x, key=key)[0]))
       g1, g2 = grad(params, h0, xs), grad(p_s, h_s, xs_s)
       close(g1, g2)
       assert g2["W"].sharding.is_fully_replicated
@@ -59,7 +65,7 @@ SCRIPT = textwrap.dedent("""
     import tempfile, jbptt.checkpoint as jc
     root = tempfile.mkdtemp()
     jc.save(root, many)
-    back = jc.restore(root, tr.init(p_s, h_s, xs_s, r_s))
+    back = jc.restore(root, tr.init(p_s, h_s, xs_s, r_s, key=key))
     close(back, many)
     assert back.carry.sharding.spec == jax.sharding.PartitionSpec("batch")
     assert back.params["W"].sharding.is_fully_replicated
