@@ -11,7 +11,7 @@ compared with the fixed k2 it stands for, in this run:
   TBPTT(8, 64) (the same reach), with :class:`jbptt.Recompute` and
   :class:`jbptt.StoredStates`;
 * ``Adaptive(0.1, (8, 16, 32, 64))`` against TBPTT(8, 64) (its window) and
-  the fixed k2 it chose;
+  the fixed k2 it chose, with both strategies;
 * ``Recompute(burn_in=16)`` at TBPTT(8, 8) against no burn-in.
 
 Writes ``DIR/results.json`` and ``DIR/results.md`` (date, machine,
@@ -124,6 +124,8 @@ def rows(repeats: int, smoke: bool) -> list[dict]:
       (f"Randomized({mean}, {top}), stored", jbptt.Randomized(mean, top),
        jbptt.StoredStates()),
       ("Adaptive(0.1, (8, 16, 32, 64))", adaptive, jbptt.Recompute()),
+      ("Adaptive(0.1, (8, 16, 32, 64)), stored", adaptive,
+       jbptt.StoredStates()),
       ("TBPTT(8, 8), burn_in=16", 8, jbptt.Recompute(burn_in=16)),
   ]
   out = []
@@ -143,6 +145,8 @@ PEERS = {  # row: the fixed rows it is compared with
     "Randomized(8, 64)": ("TBPTT(8, 8)", "TBPTT(8, 64)"),
     "Randomized(8, 64), stored": ("TBPTT(8, 8)", "TBPTT(8, 64), stored"),
     "Adaptive(0.1, (8, 16, 32, 64))": ("TBPTT(8, 64)", "chosen"),
+    "Adaptive(0.1, (8, 16, 32, 64)), stored": ("TBPTT(8, 64), stored",
+                                               "chosen"),
     "TBPTT(8, 8), burn_in=16": ("TBPTT(8, 8)",),
 }
 

@@ -190,10 +190,11 @@ def test_truncation_benchmark_smoke(tmp_path):
   bench.main(["--smoke", "--out", str(tmp_path)])
   rows = json.loads((tmp_path / "results.json").read_text())["rows"]
   configs = [r["config"] for r in rows]
-  assert configs[:7] == [
+  assert configs[:8] == [
       "TBPTT(8, 8)", "TBPTT(8, 64)", "Randomized(8, 64)",
       "TBPTT(8, 64), stored", "Randomized(8, 64), stored",
-      "Adaptive(0.1, (8, 16, 32, 64))", "TBPTT(8, 8), burn_in=16"]
+      "Adaptive(0.1, (8, 16, 32, 64))",
+      "Adaptive(0.1, (8, 16, 32, 64)), stored", "TBPTT(8, 8), burn_in=16"]
   assert all(r["ms_per_chunk"] > 0 for r in rows)
   assert rows[0]["k2_mean"] == 8 and rows[1]["k2_mean"] == 64
   assert 1 <= rows[2]["k2_mean"] <= 64

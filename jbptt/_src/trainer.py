@@ -258,7 +258,9 @@ def recomputed_window(split, lay, remat, unroll, h0, params, anchor, starts,
   """:class:`jbptt.Recompute`: the window re-run from its stored start.
 
   ``truncate(start, wx, wr, valid, t) -> (scale, info)`` gives the
-  multipliers of the window's carries (``None`` for an int k2).
+  multipliers of the window's carries (``None`` for an int k2) or, for
+  :class:`jbptt.Adaptive`, a pair ``(index, choices)``: the window is then
+  cut at ``choices[index]`` by ``lax.switch`` (one branch per choice).
 
   Returns ``((total, weight), grads, h_end, starts, info)``: the sums of the
   injected totals and weights, the gradient of the total, the stream's carry
@@ -278,13 +280,20 @@ def recomputed_window(split, lay, remat, unroll, h0, params, anchor, starts,
     starts = tree_map(lambda a: a[1:], queue)
   else:
     valid, start = None, anchor
-  scale, info = truncate(start, wx, wr, valid, t)
+  scale, info = truncate(start, wx, wr, valid, t, branches=True)
+
+  def loss(p, n_own, scale):
+    return segment.segment_loss(
+        split, p, start, wx, wr, valid, h0, n_own=n_own, inject=lay.inject,
+        remat=remat, unroll=unroll, scale=scale)
 
   def objective(p):
-    total, weight, h = segment.segment_loss(
-        split, p, start, wx, wr, valid, h0, n_own=lay.n_own,
-        inject=lay.inject, remat=remat, unroll=unroll, scale=scale,
-    )
+    if isinstance(scale, tuple):  # Adaptive: the steps before t - k2 own
+      index, choices = scale
+      total, weight, h = lax.switch(index, [
+          lambda p, c=c: loss(p, lay.length - c, None) for c in choices], p)
+    else:
+      total, weight, h = loss(p, lay.n_own, scale)
     return total, (weight, h)
 
   (total, (weight, h)), grads = jax.value_and_grad(objective, has_aux=True)(
@@ -321,12 +330,14 @@ def stored_window(split, lay, remat, unroll, h0, params, anchor, starts, wx,
 
 
 def rule_truncate(split, lay, rule, h0, params, kept):
-  """``truncate(start, wx, wr, valid, t)`` of one update for ``k2 = rule``
-  (see :func:`recomputed_window`): ``(scale, (kept, k2_used))``, ``kept``
-  the state of the rule (:attr:`TrainState.truncation`) after the update."""
+  """``truncate(start, wx, wr, valid, t, branches=False)`` of one update for
+  ``k2 = rule`` (see :func:`recomputed_window`): ``(scale, (kept,
+  k2_used))``, ``kept`` the state of the rule (:attr:`TrainState.truncation`)
+  after the update; with ``branches``, an :class:`jbptt.Adaptive` gives
+  ``(index, choices)`` in place of ``scale``."""
   distance = lay.length - jnp.arange(lay.length)  # of each entering carry
 
-  def truncate(start, wx, wr, valid, t):
+  def truncate(start, wx, wr, valid, t, branches=False):
     if not isinstance(rule, truncation.RULES):
       return None, (kept, jnp.int32(rule))
     if isinstance(rule, truncation.Randomized):
@@ -337,6 +348,9 @@ def rule_truncate(split, lay, rule, h0, params, kept):
         due, lambda: _estimate(split, lay, rule, h0, params, start, wx, wr,
                                valid, t, kept),
         lambda: kept)
+    if branches:
+      return (truncation.choice_index(rule, new.k2), rule.choices), (new,
+                                                                      new.k2)
     return truncation.multipliers(rule, new.k2, t, distance), (new, new.k2)
 
   return truncate

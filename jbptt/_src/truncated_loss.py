@@ -261,14 +261,23 @@ def truncated_loss(
       )
     if resets is not None:
       resets = checks.check_resets(resets, n, carry)
-    mult = None
-    if isinstance(rule, truncation.RULES):
-      aux = key if isinstance(rule, truncation.Randomized) else adaptive_k2(
-          split, rule, params, carry, xs, resets, h0, n, k1)[0]
-      mult = lambda t, d: truncation.multipliers(rule, aux, t, d)
-    path = _chunked if k1 >= k2 else _overlapping
-    total, weight, final = path(split, params, carry, xs, resets, h0, n, k1,
-                                k2, losses, remat, unroll, mult)
+    def run(k2, mult=None):
+      path = _chunked if k1 >= k2 else _overlapping
+      total, weight, final = path(split, params, carry, xs, resets, h0, n,
+                                  k1, k2, losses, remat, unroll, mult)
+      return jnp.asarray(total), jnp.asarray(weight), final
+
+    if isinstance(rule, truncation.Adaptive):  # one branch per choice
+      chosen = adaptive_k2(split, rule, params, carry, xs, resets, h0, n,
+                           k1)[0]
+      total, weight, final = lax.switch(
+          truncation.choice_index(rule, chosen),
+          [lambda c=c: run(c) for c in rule.choices])
+    elif isinstance(rule, truncation.Randomized):
+      total, weight, final = run(
+          k2, lambda t, d: truncation.multipliers(rule, key, t, d))
+    else:
+      total, weight, final = run(k2)
     return weighted_mean(total, weight), lax.stop_gradient(final)
 
   return loss_fn

@@ -115,9 +115,13 @@ class Adaptive:
   ``truncated_loss`` (fixed params) estimates once per call, from the windows of
   all of its updates (one slope fitted within each window).
 
-  The program holds one window of ``K`` steps and cuts it at the chosen
-  ``k2`` with a traced multiplier: one compile, the cost of TBPTT(k1, K)
-  whatever the choice. ``losses="window"`` is refused (its injected losses
+  The program holds one branch per choice (``lax.switch``): with
+  :class:`jbptt.Recompute` an update re-runs the window of ``K`` steps
+  forward and backpropagates only through the chosen ``k2``, so it costs
+  about TBPTT(k1, chosen) plus the forward steps of the rest, and a probe
+  every ``every`` updates; :class:`jbptt.StoredStates` cuts its window of
+  ``K`` stored states at the chosen ``k2`` with a traced multiplier, at the
+  cost of TBPTT(k1, K). ``losses="window"`` is refused (its injected losses
   depend on ``k2``).
 
   Attributes:
@@ -311,6 +315,11 @@ def choose(k2: Adaptive, log_beta):
   ok = choices * log_beta <= math.log(k2.delta)
   return jnp.where(jnp.any(ok), jnp.asarray(choices)[jnp.argmax(ok)],
                    choices[-1]).astype(jnp.int32)
+
+
+def choice_index(k2: Adaptive, chosen):
+  """The index of ``chosen`` in ``k2.choices`` (int32)."""
+  return jnp.searchsorted(jnp.asarray(k2.choices), chosen).astype(jnp.int32)
 
 
 def window_norms(cell, params, start, xs, resets, valid, initial_carry, head):
