@@ -72,6 +72,7 @@ def _number(ok, allowed: str):
 
 
 _positive_float = _number(lambda v: v > 0, "> 0")
+_fraction = _number(lambda v: 0 < v < 1, "a fraction in (0, 1)")
 
 
 def _k2(text):
@@ -80,7 +81,6 @@ def _k2(text):
     return parse_k2(text)
   except ValueError as e:
     raise argparse.ArgumentTypeError(str(e).removeprefix("--k2 ")) from None
-_fraction = _number(lambda v: 0 < v < 1, "a fraction in (0, 1)")
 
 
 class _Parser(argparse.ArgumentParser):
