@@ -253,13 +253,15 @@ def train_stored(step_loss, optimizer, params, carry, xs, k1, k2, policy="new",
 
 @jax.jit
 def _artbp_uniform(key, t, d):
-  return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, t), d))
+  return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, t), d),
+                            dtype=jnp.float32)
 
 
 def artbp_multiplier(key, mean, max_, t, d):
   """m_t(d) of Randomized(mean, max_) (ARTBP), a Python float, from the
-  formula: c = 1 / mean; u = uniform(fold_in(fold_in(key, t), d)) with t, d
-  int32 scalars; 0 if u < c, else 1 / (1 - c); and 0 for d >= max_."""
+  formula: c = 1 / mean; u = uniform(fold_in(fold_in(key, t), d)) in
+  float32 with t, d int32 scalars; 0 if u < c, else 1 / (1 - c); and 0 for
+  d >= max_."""
   if d >= max_:
     return 0.0
   c = 1.0 / mean

@@ -40,7 +40,11 @@ CUTS = (5,)  # chunks of 5 and 6 steps; 5 is inside a k1 = 3 chunk
 # (k1, k2, gradient): k1 < k2, k1 = k2, k1 > k2, stored states. The chunk
 # lengths are uneven but of one capacity class for most (few compilations).
 CONFIGS = [(3, 7, "recompute"), (4, 4, "recompute"), (5, 2, "recompute"),
-           (3, 7, "stored")]
+           (3, 7, "stored"), (3, "random", "recompute"),
+           (2, "adaptive", "stored")]
+# k2 rules by name (the configurations are ids and cache keys).
+RULES = {"random": jbptt.Randomized(3, 7),
+         "adaptive": jbptt.Adaptive(0.2, (2, 4, 7), every=2)}
 LOSS_CONFIGS = [(3, 7)]
 CK = CONFIGS[0]  # saved after the first chunk: with 2 steps pending
 TIMEOUT = 240.0
@@ -68,7 +72,13 @@ def step_loss(p, h, x):
 @functools.lru_cache(maxsize=None)
 def make(k1, k2, gradient):
   g = jbptt.StoredStates() if gradient == "stored" else jbptt.Recompute()
-  return jbptt.trainer(step_loss, optax.adam(0.05), k1=k1, k2=k2, gradient=g)
+  return jbptt.trainer(step_loss, optax.adam(0.05), k1=k1,
+                       k2=RULES.get(k2, k2), gradient=g)
+
+
+def start(cfg, tr, *args):
+  """``tr.init(*args)``, with a key for a randomized k2."""
+  return tr.init(*args, key=jax.random.key(4) if cfg[1] == "random" else None)
 
 
 def pieces(tree, cuts, n=N):
@@ -128,7 +138,7 @@ def train_and_save(root=None, configs=CONFIGS, loss_configs=LOSS_CONFIGS):
   out = {}
   for cfg in configs:
     tr = make(*cfg)
-    state = tr.init(p_s, h_s, *parts[0])
+    state = start(cfg, tr, p_s, h_s, *parts[0])
     for j, (x, r) in enumerate(parts):
       if j == 1 and cfg == CK and root is not None:
         jc.save(root, state, info={"k1": CK[0], "k2": CK[1]})
@@ -186,7 +196,7 @@ def reference(cfg):
   """``cfg``'s params and carry after the stream, on one process."""
   params, h0, xs, resets = model()
   tr = make(*cfg)
-  state = feed(tr, tr.init(params, h0, xs, resets), xs, resets, CUTS)
+  state = feed(tr, start(cfg, tr, params, h0, xs, resets), xs, resets, CUTS)
   return host((state.params, state.carry))
 
 

@@ -57,7 +57,8 @@ class Randomized:
   The draws come from a PRNG key: ``key=`` of ``truncated_loss``'s function,
   ``key`` of the trainer's ``init`` (kept in the state). The draw for the
   state at distance ``d`` in the update ending at ``t`` is
-  ``jax.random.uniform(fold_in(fold_in(key, t), d)) < c``: the same in every
+  ``jax.random.uniform(fold_in(fold_in(key, t), d), dtype=float32) < c``
+  (float32 whether or not ``jax_enable_x64`` is set): the same in every
   path, chunking and resumption.
 
   With ``losses="window"`` an update injects the losses of its last ``max``
@@ -223,7 +224,8 @@ def uniform(key, t, d):
                               jnp.asarray(d, jnp.int32))
 
   def one(t, d):
-    return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, t), d))
+    return jax.random.uniform(
+        jax.random.fold_in(jax.random.fold_in(key, t), d), dtype=jnp.float32)
 
   return jax.vmap(one)(t.ravel(), d.ravel()).reshape(t.shape)
 
