@@ -381,3 +381,19 @@ def test_bad_burn_in(burn_in):
                      rf"non-negative int .*, got burn_in={burn_in!r}\."):
     jbptt.trainer(step_loss, optax.sgd(0.1), k1=2, k2=2,
                   gradient=jbptt.Recompute(burn_in=burn_in))
+
+
+def test_randomized_draws_do_not_depend_on_x64():
+  # A run resumed, or checked, under the other precision draws the same
+  # truncation points.
+  from jbptt._src import truncation
+
+  rule = Randomized(3, 40)
+  key = jax.random.key(11)
+  t, d = jnp.arange(1, 200)[:, None], jnp.arange(1, 40)[None, :]
+  draws = []
+  for x64 in (False, True):
+    with jax.enable_x64(x64):
+      draws.append(np.asarray(truncation.multipliers(rule, key, t, d)) == 0)
+  np.testing.assert_array_equal(draws[0], draws[1])
+  assert 0.25 < draws[0].mean() < 0.42  # c = 1/3
