@@ -21,11 +21,8 @@ versions).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -86,25 +83,14 @@ def _time(k2, gradient, problem, repeats):
 
 
 def environment() -> dict:
-  import importlib.metadata as md
-
-  cpu = platform.processor() or platform.machine()
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
+  """:func:`processes.environment` (date, command, machine, versions, load)
+  and the JAX device."""
   import jax
 
-  return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-      timespec="minutes"), "command": " ".join(sys.argv),
-      "machine": f"{cpu}, {os.cpu_count()} cores",
-      "device": str(jax.devices()[0].device_kind),
-      "python": platform.python_version(),
-      **{p: md.version(p) for p in ("jax", "jaxlib", "optax")},
-      "load_average": list(os.getloadavg())}
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+  from processes import environment as shared
+
+  return {**shared(), "device": str(jax.devices()[0].device_kind)}
 
 
 def rows(repeats: int, smoke: bool) -> list[dict]:

@@ -130,6 +130,36 @@ def _step(optimizer, params, opt_state, grad_sum, weight):
   return optax.apply_updates(params, updates), opt_state
 
 
+def _online(step_loss, optimizer, params, carry, xs, k1, resets, update):
+  """The stream loop of the online references: the carry advances with the
+  params current at each step; at every k1-th step t, ``update(params, hs,
+  t) -> (total, grad_sum, weight)`` (``hs[i]`` the stream state after step
+  i) and one optax step. Returns (params, losses per update, carry)."""
+  h0 = carry
+  opt_state = optimizer.init(params)
+  n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+  hs = [carry]
+  losses = []
+  for t in range(1, n + 1):
+    r = None if resets is None else resets[t - 1]
+    h, _ = _jitted(step_loss)(params, hs[-1], _x(xs, t - 1), r, h0)
+    hs.append(h)
+    if t % k1 == 0:
+      total, grad, weight = update(params, hs, t)
+      params, opt_state = _step(optimizer, params, opt_state, grad, weight)
+      losses.append(total / weight if weight else 0.0)
+  return params, losses, hs[n]
+
+
+def _summed(pieces):
+  """(total, grad_sum, weight) of ``((total, weight), grad)`` pieces."""
+  total, grad, weight = 0.0, None, 0.0
+  for (v, w), g in pieces:
+    total, weight = total + v, weight + w
+    grad = g if grad is None else tree_map(jnp.add, grad, g)
+  return total, grad, weight
+
+
 def train(step_loss, optimizer, params, carry, xs, k1, k2, policy="new",
           resets=None, *, mult=None, burn_in=0, k2_of_update=None):
   """Online TBPTT on a stream: returns (params, losses per update, carry).
@@ -144,25 +174,12 @@ def train(step_loss, optimizer, params, carry, xs, k1, k2, policy="new",
   if mult is not None or burn_in or k2_of_update is not None:
     return _train_rules(step_loss, optimizer, params, carry, xs, k1, k2,
                         policy, resets, mult, burn_in, k2_of_update)
-  h0 = carry
-  opt_state = optimizer.init(params)
-  n = jax.tree_util.tree_leaves(xs)[0].shape[0]
-  hs = [carry]
-  losses = []
-  for t in range(1, n + 1):
-    r = None if resets is None else resets[t - 1]
-    h, _ = _jitted(step_loss)(params, hs[-1], _x(xs, t - 1), r, h0)
-    hs.append(h)
-    if t % k1 == 0:
-      total, grad, weight = 0.0, None, 0.0
-      for tau, s in injected(t, t - k1, k2, policy):
-        (v, w), g = _loss_from(step_loss, params, hs[s], xs, resets, h0, s,
-                               tau)
-        total, weight = total + v, weight + w
-        grad = g if grad is None else tree_map(jnp.add, grad, g)
-      params, opt_state = _step(optimizer, params, opt_state, grad, weight)
-      losses.append(total / weight if weight else 0.0)
-  return params, losses, hs[n]
+  def update(params, hs, t):
+    return _summed(
+        _loss_from(step_loss, params, hs[s], xs, resets, carry, s, tau)
+        for tau, s in injected(t, t - k1, k2, policy))
+
+  return _online(step_loss, optimizer, params, carry, xs, k1, resets, update)
 
 
 def truncated_grad_xs(step_loss, params, carry, xs, k1, k2, policy="new"):
@@ -216,17 +233,9 @@ def train_stored(step_loss, optimizer, params, carry, xs, k1, k2, policy="new",
     return _train_stored_scaled(step_loss, optimizer, params, carry, xs, k1,
                                 k2, policy, resets, mult)
   h0 = carry
-  opt_state = optimizer.init(params)
-  n = jax.tree_util.tree_leaves(xs)[0].shape[0]
-  hs = [carry]
-  losses = []
   zero_h = tree_map(jnp.zeros_like, carry)
-  for t in range(1, n + 1):
-    r = None if resets is None else resets[t - 1]
-    h, _ = _jitted(step_loss)(params, hs[-1], _x(xs, t - 1), r, h0)
-    hs.append(h)
-    if t % k1:
-      continue
+
+  def update(params, hs, t):
     total, grad, weight = 0.0, None, 0.0
     for tau, s in injected(t, t - k1, k2, policy):
       lam = zero_h
@@ -238,9 +247,9 @@ def train_stored(step_loss, optimizer, params, carry, xs, k1, k2, policy="new",
         if j == tau:
           total, weight = total + v, weight + w
         grad = d_p if grad is None else tree_map(jnp.add, grad, d_p)
-    params, opt_state = _step(optimizer, params, opt_state, grad, weight)
-    losses.append(total / weight if weight else 0.0)
-  return params, losses, hs[n]
+    return total, grad, weight
+
+  return _online(step_loss, optimizer, params, carry, xs, k1, resets, update)
 
 
 # Truncation rules (k2 as a rule): multipliers on the carry's cotangent ------
@@ -366,59 +375,32 @@ def _train_rules(step_loss, optimizer, params, carry, xs, k1, k2, policy,
   states with the multipliers ``mult(t, d)``.
   """
   h0 = carry
-  opt_state = optimizer.init(params)
-  n = jax.tree_util.tree_leaves(xs)[0].shape[0]
-  hs = [carry]
-  losses = []
   L = max(k1, k2)
-  u = 0
-  for t in range(1, n + 1):
-    r = None if resets is None else resets[t - 1]
-    h, _ = _jitted(step_loss)(params, hs[-1], _x(xs, t - 1), r, h0)
-    hs.append(h)
-    if t % k1:
-      continue
-    k2u = k2 if k2_of_update is None else int(k2_of_update[u])
-    u += 1
+
+  def update(params, hs, t):
+    k2u = k2 if k2_of_update is None else int(k2_of_update[t // k1 - 1])
     a = max(0, t - L)
     start = hs[a]
     if burn_in and a > 0:
       c = max(0, a - burn_in)
       start = _rerun(step_loss, params, hs[c], xs, resets, h0, c, a)[-1]
     states = _rerun(step_loss, params, start, xs, resets, h0, a, t)
-    scale = None if mult is None else (lambda j, t=t: mult(t, t - j))
-    total, grad, weight = 0.0, None, 0.0
-    for tau, s in injected(t, t - k1, k2u, policy):
-      (v, w), g = _scaled_walk(step_loss, params, states, a, xs, resets, h0,
-                               tau, s, scale)
-      total, weight = total + v, weight + w
-      grad = g if grad is None else tree_map(jnp.add, grad, g)
-    params, opt_state = _step(optimizer, params, opt_state, grad, weight)
-    losses.append(total / weight if weight else 0.0)
-  return params, losses, hs[n]
+    scale = None if mult is None else (lambda j: mult(t, t - j))
+    return _summed(
+        _scaled_walk(step_loss, params, states, a, xs, resets, h0, tau, s,
+                     scale)
+        for tau, s in injected(t, t - k1, k2u, policy))
+
+  return _online(step_loss, optimizer, params, carry, xs, k1, resets, update)
 
 
 def _train_stored_scaled(step_loss, optimizer, params, carry, xs, k1, k2,
                          policy, resets, mult):
   """``train_stored`` with the multipliers ``mult(t, d)``."""
-  h0 = carry
-  opt_state = optimizer.init(params)
-  n = jax.tree_util.tree_leaves(xs)[0].shape[0]
-  hs = [carry]
-  losses = []
-  for t in range(1, n + 1):
-    r = None if resets is None else resets[t - 1]
-    h, _ = _jitted(step_loss)(params, hs[-1], _x(xs, t - 1), r, h0)
-    hs.append(h)
-    if t % k1:
-      continue
-    scale = lambda j, t=t: mult(t, t - j)
-    total, grad, weight = 0.0, None, 0.0
-    for tau, s in injected(t, t - k1, k2, policy):
-      (v, w), g = _scaled_walk(step_loss, params, hs, 0, xs, resets, h0, tau,
-                               s, scale)
-      total, weight = total + v, weight + w
-      grad = g if grad is None else tree_map(jnp.add, grad, g)
-    params, opt_state = _step(optimizer, params, opt_state, grad, weight)
-    losses.append(total / weight if weight else 0.0)
-  return params, losses, hs[n]
+  def update(params, hs, t):
+    return _summed(
+        _scaled_walk(step_loss, params, hs, 0, xs, resets, carry, tau, s,
+                     lambda j: mult(t, t - j))
+        for tau, s in injected(t, t - k1, k2, policy))
+
+  return _online(step_loss, optimizer, params, carry, xs, k1, resets, update)
